@@ -1,0 +1,134 @@
+//! `mqtt-notary run`: wires the embedded broker, the pipeline, the ledger
+//! and the HTTP API, and shuts them down in order on SIGINT/SIGTERM.
+
+use crate::config::Config;
+use anyhow::Context as _;
+use notary_anchor::{Anchor, LocalLedger};
+use notary_plugin::embedded::{self, EmbeddedSettings};
+use notary_plugin::{http, keys, BatchPolicy, Pipeline, PipelineConfig};
+use std::future::IntoFuture as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+pub const LEDGER_FILE: &str = "ledger.sqlite";
+
+pub fn main(
+    config: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    mqtt: Option<SocketAddr>,
+    http: Option<SocketAddr>,
+) -> ExitCode {
+    init_tracing();
+    let result = Config::load(config.as_deref()).and_then(|mut cfg| {
+        if let Some(d) = data_dir {
+            cfg.data_dir = d;
+        }
+        if let Some(a) = mqtt {
+            cfg.mqtt.listen = a;
+        }
+        if let Some(a) = http {
+            cfg.http.listen = a;
+        }
+        serve(cfg)
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Logs go to stderr; `RUST_LOG` overrides the default filter. rumqttd logs
+/// every connection at INFO, so it is held to WARN by default.
+fn init_tracing() {
+    use std::io::IsTerminal as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn serve(cfg: Config) -> anyhow::Result<()> {
+    let dir = &cfg.data_dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating data directory {}", dir.display()))?;
+    let origin = (!cfg.log.origin.is_empty()).then_some(cfg.log.origin.as_str());
+    let signer = keys::load_or_create(dir, origin)?;
+    tracing::info!(log = signer.name(), key = %dir.join(keys::PUB_FILE).display(), "checkpoint key");
+    let ledger: Arc<dyn Anchor> = Arc::new(LocalLedger::open(&dir.join(LEDGER_FILE))?);
+
+    let (intake, inlets) = notary_plugin::inlets(cfg.ingest.queue_capacity);
+    let settings = EmbeddedSettings {
+        listen: cfg.mqtt.listen,
+        max_connections: cfg.mqtt.max_connections,
+        max_payload_bytes: cfg.mqtt.max_payload_bytes,
+        connection_timeout_ms: cfg.mqtt.connection_timeout_ms,
+        max_inflight: cfg.mqtt.max_inflight,
+        segment_bytes: cfg.mqtt.backlog_segment_bytes,
+        segment_count: cfg.mqtt.backlog_segment_count,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    // Bind HTTP before accepting MQTT, so a taken port fails start-up cleanly.
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(cfg.http.listen))
+        .with_context(|| format!("cannot listen for HTTP on {}", cfg.http.listen))?;
+    let outbox = embedded::start(&settings, intake.clone())?;
+    let pipeline_cfg = PipelineConfig {
+        data_dir: dir.clone(),
+        policy: BatchPolicy { max_batch_size: cfg.log.max_batch_size, max_batch_age_ms: cfg.log.max_batch_age_ms },
+        queue_capacity: cfg.ingest.queue_capacity,
+    };
+    let pipeline = Pipeline::start(&pipeline_cfg, intake, inlets, outbox, signer, vec![ledger])?;
+    let api = http::Api { proofs: pipeline.proofs.clone(), metrics: pipeline.metrics.clone() };
+    tracing::info!(mqtt = %cfg.mqtt.listen, http = %cfg.http.listen, data_dir = %dir.display(), "mqtt-notary ready");
+
+    rt.block_on(async move {
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(
+            axum::serve(listener, http::router(api)).with_graceful_shutdown(stop.clone().cancelled_owned()).into_future(),
+        );
+        wait_for_signal().await;
+        tracing::info!("shutting down: draining, sealing and anchoring");
+        tokio::task::spawn_blocking(move || pipeline.shutdown()).await.context("pipeline shutdown")?;
+        stop.cancel();
+        server.await.context("HTTP server")?.context("HTTP server")?;
+        tracing::info!("stopped");
+        anyhow::Ok(())
+    })?;
+    // rumqttd has no shutdown; its threads end with the process.
+    rt.shutdown_background();
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,142 @@
+//! `mqtt-notary verify` and `mqtt-notary ledger verify`.
+//! Exit codes: 0 valid, 1 invalid, 2 usage or I/O error.
+
+use notary_anchor::LocalLedger;
+use notary_plugin::keys::PUB_FILE;
+use notary_plugin::store::{Store, STORE_FILE};
+use notary_proof::{verify_bundle, NoteVerifier, ProofBundle, Verified};
+use std::path::Path;
+use std::process::ExitCode;
+
+const INVALID: u8 = 1;
+const ERROR: u8 = 2;
+
+fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("{}: {msg}", if code == INVALID { "invalid" } else { "error" });
+    ExitCode::from(code)
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, ExitCode> {
+    std::fs::read(path).map_err(|e| fail(ERROR, format!("{}: {e}", path.display())))
+}
+
+fn read_key(path: &Path) -> Result<NoteVerifier, ExitCode> {
+    let text = String::from_utf8(read(path)?).map_err(|_| fail(ERROR, format!("{}: not UTF-8", path.display())))?;
+    NoteVerifier::from_key_string(&text).map_err(|e| fail(ERROR, format!("{}: {e}", path.display())))
+}
+
+/// Verifies a bundle file (one bundle, or the JSON array `/v1/proofs` serves,
+/// in which case every bundle must verify).
+pub fn bundle(bundle: &Path, payload: &Path, key: &Path) -> ExitCode {
+    let run = || -> Result<ExitCode, ExitCode> {
+        let json = read(bundle)?;
+        let payload = read(payload)?;
+        let key = read_key(key)?;
+        let bundles: Vec<ProofBundle> = match serde_json::from_slice::<serde_json::Value>(&json) {
+            Ok(serde_json::Value::Array(items)) => items
+                .into_iter()
+                .map(serde_json::from_value)
+                .collect::<Result<_, _>>()
+                .map_err(|e| fail(INVALID, format!("malformed bundle: {e} [malformed]")))?,
+            Ok(v) => vec![serde_json::from_value(v).map_err(|e| fail(INVALID, format!("malformed bundle: {e} [malformed]")))?],
+            Err(e) => return Err(fail(INVALID, format!("malformed bundle: {e} [malformed]"))),
+        };
+        if bundles.is_empty() {
+            return Err(fail(INVALID, "the file holds no bundle [malformed]"));
+        }
+        for b in &bundles {
+            match verify_bundle(b, &payload, &key) {
+                Ok(v) => print_verified(&v),
+                Err(e) => return Err(fail(INVALID, format!("{e} [{}]", e.code()))),
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    };
+    run().unwrap_or_else(|code| code)
+}
+
+fn print_verified(v: &Verified) {
+    println!("valid: the payload was notarized");
+    println!("  topic:       {}", v.leaf.topic);
+    println!("  received:    {} ({} ms)", rfc3339(v.leaf.received_at_ms), v.leaf.received_at_ms);
+    println!("  assurance:   {}", v.leaf.assurance.as_str());
+    println!("  sequence:    {}", v.leaf.seq);
+    println!("  payload:     {} bytes, BLAKE3 {}", v.leaf.payload_len, hex::encode(v.leaf.payload_digest));
+    println!("  batch:       {} ({} leaves, sealed {})", v.batch.number, v.batch.size, rfc3339(v.batch.sealed_at_ms));
+    println!("  checkpoint:  {} size {}", v.checkpoint.origin, v.checkpoint.size);
+    for r in &v.receipts {
+        println!("  anchor:      {}", r.describe());
+    }
+}
+
+/// Walks the local ledger and checks every anchored checkpoint against the
+/// store's log (when the store is present).
+pub fn ledger(data_dir: &Path, key: Option<&Path>) -> ExitCode {
+    let run = || -> Result<ExitCode, ExitCode> {
+        let key_path = key.map(Path::to_path_buf).unwrap_or_else(|| data_dir.join(PUB_FILE));
+        let key = read_key(&key_path)?;
+        let ledger_path = data_dir.join(crate::run::LEDGER_FILE);
+        if !ledger_path.exists() {
+            return Err(fail(ERROR, format!("{}: no ledger here", ledger_path.display())));
+        }
+        let ledger = LocalLedger::open(&ledger_path).map_err(|e| fail(ERROR, e))?;
+        let store = if data_dir.join(STORE_FILE).exists() {
+            Some(Store::open(data_dir).map_err(|e| fail(ERROR, e))?)
+        } else {
+            None
+        };
+        let check = ledger
+            .verify(&key, |cp| match &store {
+                Some(store) => {
+                    let root = store.log_root(cp.size).map_err(|e| format!("log at size {}: {e}", cp.size))?;
+                    if root != cp.root {
+                        return Err(format!("checkpoint at size {} does not match the store's log", cp.size));
+                    }
+                    Ok(())
+                }
+                None => Ok(()),
+            })
+            .map_err(|e| fail(INVALID, e))?;
+        println!("valid: {} ledger entries, log size {}", check.entries, check.last_size);
+        if let Some(head) = check.head {
+            println!("  head entry hash: {}", hex::encode(head));
+        }
+        if store.is_none() {
+            println!("  (no store beside the ledger: checkpoints were not compared with a log)");
+        }
+        Ok(ExitCode::SUCCESS)
+    };
+    run().unwrap_or_else(|code| code)
+}
+
+/// Unix milliseconds as an RFC 3339 UTC timestamp.
+fn rfc3339(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's civil-from-days algorithm.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn formats_times() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(super::rfc3339(1_764_151_200_123), "2025-11-26T10:00:00.123Z");
+    }
+}

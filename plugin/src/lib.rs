@@ -1,0 +1,131 @@
+//! The mqtt-notary pipeline, attached to a broker through a source:
+//!
+//! ```text
+//! source ──Sink──▶ ingest ──▶ sealer ──▶ anchors
+//!    │  (bounded)   (group      (batch, log,     (ledgers)
+//!    │              commit)      checkpoint)
+//!    └── notary/proof/request ──▶ proof workers ──Outbox──▶ reply_to
+//!                           HTTP ──▶ proof service ◀── store (SQLite)
+//! ```
+//!
+//! See ARCHITECTURE.md for the invariants each stage keeps.
+#![forbid(unsafe_code)]
+
+pub mod batcher;
+pub mod embedded;
+pub mod http;
+mod ingest;
+pub mod keys;
+pub mod metrics;
+pub mod mqtt_api;
+pub mod proofs;
+mod sealer;
+pub mod source;
+pub mod store;
+
+pub use batcher::BatchPolicy;
+pub use ingest::{Intake, OWN_PREFIX, PROOF_REQUEST_TOPIC};
+pub use sealer::CHECKPOINT_TOPIC;
+
+use metrics::Metrics;
+use notary_anchor::Anchor;
+use notary_proof::NoteSigner;
+use proofs::ProofService;
+use source::Outbox;
+use std::path::PathBuf;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use store::{Store, StoreError};
+
+/// Threads answering MQTT proof requests.
+const PROOF_WORKERS: usize = 2;
+/// MQTT proof requests waiting for a worker.
+const PROOF_QUEUE: usize = 1024;
+
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub data_dir: PathBuf,
+    pub policy: BatchPolicy,
+    /// Messages between the source and ingest.
+    pub queue_capacity: usize,
+}
+
+/// The channels a pipeline reads; created before the source so the source
+/// can be handed the [`Intake`] and return its [`Outbox`].
+pub struct Inlets {
+    ingest_rx: Receiver<ingest::IngestItem>,
+    proof_rx: Receiver<source::Message>,
+    metrics: Arc<Metrics>,
+}
+
+pub fn inlets(queue_capacity: usize) -> (Arc<Intake>, Inlets) {
+    let metrics = Arc::new(Metrics::default());
+    let (ingest_tx, ingest_rx) = sync_channel(queue_capacity.max(1));
+    let (proof_tx, proof_rx) = sync_channel(PROOF_QUEUE);
+    let intake = Arc::new(Intake::new(ingest_tx, proof_tx, metrics.clone()));
+    (intake, Inlets { ingest_rx, proof_rx, metrics })
+}
+
+/// A running pipeline.
+pub struct Pipeline {
+    pub proofs: Arc<ProofService>,
+    pub metrics: Arc<Metrics>,
+    intake: Arc<Intake>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot start thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+impl Pipeline {
+    pub fn start(
+        cfg: &PipelineConfig,
+        intake: Arc<Intake>,
+        inlets: Inlets,
+        outbox: Arc<dyn Outbox>,
+        signer: NoteSigner,
+        anchors: Vec<Arc<dyn Anchor>>,
+    ) -> Result<Self, StartError> {
+        let Inlets { ingest_rx, proof_rx, metrics } = inlets;
+        let ingest_store = Store::open(&cfg.data_dir)?;
+        let next_seq = ingest_store.next_seq()?;
+        let sealer = sealer::Sealer {
+            store: Store::open(&cfg.data_dir)?,
+            signer,
+            anchors,
+            outbox: outbox.clone(),
+            policy: cfg.policy,
+            metrics: metrics.clone(),
+        };
+        let recovered = sealer.recover()?;
+        let proofs = Arc::new(ProofService::open(&cfg.data_dir)?);
+        let (seal_tx, seal_rx): (SyncSender<_>, _) = sync_channel(64);
+
+        let mut threads = Vec::new();
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| std::thread::Builder::new().name(name.into()).spawn(f);
+        threads.push(spawn("notary-sealer", Box::new(move || sealer.run(seal_rx, recovered)))?);
+        let m = metrics.clone();
+        threads.push(spawn("notary-ingest", Box::new(move || ingest::run(ingest_rx, ingest_store, next_seq, seal_tx, m)))?);
+        let proof_rx = Arc::new(Mutex::new(proof_rx));
+        for i in 0..PROOF_WORKERS {
+            let (rx, p, o, m) = (proof_rx.clone(), proofs.clone(), outbox.clone(), metrics.clone());
+            threads.push(spawn(&format!("notary-proofs-{i}"), Box::new(move || mqtt_api::serve(rx, p, o, m)))?);
+        }
+        Ok(Pipeline { proofs, metrics, intake, threads })
+    }
+
+    /// Stops taking messages, persists what was taken, seals and anchors the
+    /// open batch, and returns when every pipeline thread has finished.
+    pub fn shutdown(self) {
+        self.intake.close();
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,55 @@
+//! Counters exposed at `/metrics` in the Prometheus text format.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+macro_rules! metrics {
+    ($( $field:ident : $kind:literal, $help:literal; )*) => {
+        #[derive(Debug, Default)]
+        pub struct Metrics {
+            $( pub $field: AtomicU64, )*
+            /// Messages delivered by the source and not yet persisted.
+            pub queue_depth: AtomicI64,
+        }
+
+        impl Metrics {
+            pub fn render(&self) -> String {
+                let mut out = String::new();
+                $(
+                    let _ = writeln!(out, "# HELP notary_{} {}", stringify!($field), $help);
+                    let _ = writeln!(out, "# TYPE notary_{} {}", stringify!($field), $kind);
+                    let _ = writeln!(out, "notary_{} {}", stringify!($field), self.$field.load(Relaxed));
+                )*
+                let _ = writeln!(out, "# HELP notary_queue_depth Messages received and not yet persisted.");
+                let _ = writeln!(out, "# TYPE notary_queue_depth gauge");
+                let _ = writeln!(out, "notary_queue_depth {}", self.queue_depth.load(Relaxed).max(0));
+                out
+            }
+        }
+    };
+}
+
+metrics! {
+    messages_received_total: "counter", "Messages the source delivered for notarization.";
+    messages_notarized_total: "counter", "Leaves persisted to the store.";
+    batches_sealed_total: "counter", "Batches sealed into the log.";
+    checkpoints_signed_total: "counter", "Checkpoints signed.";
+    anchors_total: "counter", "Checkpoints anchored in a ledger.";
+    anchor_failures_total: "counter", "Failed anchoring attempts (retried).";
+    gap_events_total: "counter", "Times the source reported lost messages.";
+    gap_messages_total: "counter", "Messages the source lost before notarization.";
+    proof_requests_mqtt_total: "counter", "Proof requests received over MQTT.";
+    proof_requests_http_total: "counter", "Proof requests received over HTTP.";
+    proof_request_errors_total: "counter", "Proof requests answered with an error.";
+    proof_requests_dropped_total: "counter", "Proof requests refused because the proof queue was full.";
+    outbox_dropped_total: "counter", "Outgoing publishes dropped because the outbox was full.";
+}
+
+impl Metrics {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Relaxed);
+    }
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+}

@@ -1,0 +1,142 @@
+//! The proof service: builds proof bundles for a payload digest from the
+//! store. Shared by the MQTT and HTTP front ends; read-only.
+
+use crate::store::{Store, StoreError};
+use notary_proof::{BatchRecord, BatchTree, ProofBundle, BUNDLE_FORMAT};
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// Batch trees kept in memory; proofs are mostly asked for recent messages.
+const TREE_CACHE: usize = 8;
+
+pub enum ProofAnswer {
+    /// One bundle per time the payload was notarized and anchored.
+    Ready(Vec<ProofBundle>),
+    /// Known, but its batch is not sealed or not anchored yet.
+    Pending,
+    /// No leaf has this digest.
+    Unknown,
+}
+
+pub struct ProofService {
+    store: Mutex<Store>,
+    trees: Mutex<VecDeque<(u64, Arc<BatchTree>)>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProofError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("internal lock poisoned")]
+    Poisoned,
+    #[error("{0}")]
+    BadRange(String),
+}
+
+impl ProofService {
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        Ok(ProofService { store: Mutex::new(Store::open(data_dir)?), trees: Mutex::new(VecDeque::new()) })
+    }
+
+    fn store(&self) -> Result<std::sync::MutexGuard<'_, Store>, ProofError> {
+        self.store.lock().map_err(|_| ProofError::Poisoned)
+    }
+
+    pub fn lookup(&self, digest: &[u8; 32]) -> Result<ProofAnswer, ProofError> {
+        let store = self.store()?;
+        let leaves = store.leaves_by_digest(digest)?;
+        if leaves.is_empty() {
+            return Ok(ProofAnswer::Unknown);
+        }
+        let mut bundles = Vec::new();
+        for leaf in leaves {
+            let Some(batch) = store.batch_of(leaf.seq)? else { continue };
+            let size = batch.number + 1;
+            let receipts = store.receipts(size)?;
+            let Some(checkpoint) = store.checkpoint(size)? else { continue };
+            if receipts.is_empty() {
+                continue;
+            }
+            let tree = self.tree(&store, &batch)?;
+            let leaf_index = leaf.seq - batch.first_seq;
+            let batch_path = tree
+                .path(leaf_index)
+                .ok_or_else(|| StoreError::Corrupt(format!("leaf {} outside its batch", leaf.seq)))?;
+            bundles.push(ProofBundle {
+                format: BUNDLE_FORMAT.to_owned(),
+                leaf: leaf.record,
+                leaf_index,
+                batch_path,
+                batch: batch.encode(),
+                log_path: store.log_inclusion(batch.number, size)?,
+                checkpoint,
+                receipts,
+            });
+        }
+        Ok(if bundles.is_empty() { ProofAnswer::Pending } else { ProofAnswer::Ready(bundles) })
+    }
+
+    fn tree(&self, store: &Store, batch: &BatchRecord) -> Result<Arc<BatchTree>, ProofError> {
+        let mut cache = self.trees.lock().map_err(|_| ProofError::Poisoned)?;
+        if let Some((_, t)) = cache.iter().find(|(n, _)| *n == batch.number) {
+            return Ok(t.clone());
+        }
+        let hashes: Vec<_> = store
+            .leaves_in(batch.first_seq, batch.first_seq + batch.size)?
+            .iter()
+            .map(|l| notary_proof::hash::leaf_hash(&l.record))
+            .collect();
+        let tree = BatchTree::new(&hashes)
+            .filter(|t| t.size() == batch.size && t.root() == batch.root)
+            .ok_or_else(|| StoreError::Corrupt(format!("batch {} does not match its leaves", batch.number)))?;
+        let tree = Arc::new(tree);
+        if cache.len() >= TREE_CACHE {
+            cache.pop_front();
+        }
+        cache.push_back((batch.number, tree.clone()));
+        Ok(tree)
+    }
+
+    /// The newest signed checkpoint note.
+    pub fn latest_checkpoint(&self) -> Result<Option<(u64, String)>, ProofError> {
+        Ok(self.store()?.latest_checkpoint()?)
+    }
+
+    /// RFC 9162 consistency proof between two log sizes, with both notes.
+    pub fn consistency(&self, from: u64, to: u64) -> Result<Consistency, ProofError> {
+        let store = self.store()?;
+        let size = store.log_size()?;
+        if from == 0 || from > to || to > size {
+            return Err(ProofError::BadRange(format!(
+                "need 1 <= from <= to <= {size} (the log size)"
+            )));
+        }
+        let note = |s| -> Result<String, ProofError> {
+            store.checkpoint(s)?.ok_or_else(|| StoreError::Corrupt(format!("no checkpoint {s}")).into())
+        };
+        Ok(Consistency {
+            from,
+            to,
+            from_checkpoint: note(from)?,
+            to_checkpoint: note(to)?,
+            proof: store.log_consistency(from, to)?,
+        })
+    }
+}
+
+/// A consistency proof between two signed checkpoints of the log.
+#[derive(Debug, serde::Serialize)]
+pub struct Consistency {
+    pub from: u64,
+    pub to: u64,
+    pub from_checkpoint: String,
+    pub to_checkpoint: String,
+    #[serde(serialize_with = "b64_hashes")]
+    pub proof: Vec<notary_proof::Hash>,
+}
+
+fn b64_hashes<S: serde::Serializer>(v: &[notary_proof::Hash], s: S) -> Result<S::Ok, S::Error> {
+    use base64::Engine as _;
+    s.collect_seq(v.iter().map(|h| base64::engine::general_purpose::STANDARD.encode(h)))
+}

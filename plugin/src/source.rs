@@ -1,0 +1,44 @@
+//! What the pipeline needs from a broker, and nothing more: a stream of
+//! messages in ([`Sink`]) and a way to publish answers out ([`Outbox`]).
+//!
+//! The embedded rumqttd link is one source (`embedded.rs`); a subscription on
+//! an external broker is another. No broker type appears outside its adapter.
+
+/// One message as a source received it.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    /// When the source received it (Unix milliseconds, source's clock).
+    pub received_at_ms: u64,
+}
+
+/// The pipeline has stopped taking messages.
+#[derive(Debug, Clone, Copy)]
+pub struct Closed;
+
+/// Where a source delivers messages.
+pub trait Sink: Send + Sync {
+    /// Hands over one message. Blocks while the pipeline's queue is full
+    /// (back-pressure); returns `Closed` once the pipeline shuts down.
+    fn deliver(&self, msg: Message) -> Result<(), Closed>;
+
+    /// Reports that the source lost `missed` messages before they reached
+    /// the pipeline (e.g. the broker's buffer overflowed).
+    fn gap(&self, missed: u64);
+}
+
+/// Publishes the pipeline's own messages (proof answers, checkpoints).
+pub trait Outbox: Send + Sync {
+    /// Queues a publish. Never blocks; returns false if it was dropped
+    /// because the outbox is full or gone.
+    fn publish(&self, topic: &str, payload: Vec<u8>, retain: bool) -> bool;
+}
+
+/// Milliseconds since the Unix epoch on this host's clock.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

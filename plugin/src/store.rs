@@ -1,0 +1,297 @@
+//! The broker's SQLite store (`notary.sqlite`): leaves, batches, the log's
+//! perfect-subtree nodes, checkpoints and anchor receipts.
+//!
+//! One writer connection per writing task (ingest, sealer) and separate
+//! read connections for proofs; WAL lets readers run beside writers.
+//! Leaves are committed with `synchronous=FULL`: once `append_leaves`
+//! returns, they survive a crash of the process or the host.
+
+use notary_proof::tree::{self, NodeSource};
+use notary_proof::{BatchRecord, Hash, Receipt};
+use rusqlite::{params, Connection, OptionalExtension};
+use std::path::Path;
+
+pub const STORE_FILE: &str = "notary.sqlite";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS leaves (
+    seq    INTEGER PRIMARY KEY,
+    digest BLOB NOT NULL,
+    record BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS leaves_by_digest ON leaves(digest);
+CREATE TABLE IF NOT EXISTS batches (
+    number    INTEGER PRIMARY KEY,
+    first_seq INTEGER NOT NULL UNIQUE,
+    size      INTEGER NOT NULL,
+    record    BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS log_nodes (
+    level INTEGER NOT NULL,
+    idx   INTEGER NOT NULL,
+    hash  BLOB NOT NULL,
+    PRIMARY KEY (level, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS checkpoints (
+    size INTEGER PRIMARY KEY,
+    note TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS receipts (
+    size    INTEGER NOT NULL,
+    ledger  TEXT NOT NULL,
+    receipt TEXT NOT NULL,
+    PRIMARY KEY (size, ledger)
+);
+CREATE TABLE IF NOT EXISTS gaps (
+    id       INTEGER PRIMARY KEY,
+    at_ms    INTEGER NOT NULL,
+    missed   INTEGER NOT NULL,
+    after_seq INTEGER NOT NULL
+);";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("store is corrupt: {0}")]
+    Corrupt(String),
+}
+
+pub struct Store {
+    conn: Connection,
+}
+
+/// A leaf as persisted: sequence number, BLAKE3 payload digest, record bytes.
+pub struct StoredLeaf {
+    pub seq: u64,
+    pub digest: [u8; 32],
+    pub record: Vec<u8>,
+}
+
+fn hash32(v: Vec<u8>) -> Result<Hash, StoreError> {
+    v.try_into().map_err(|_| StoreError::Corrupt("hash is not 32 bytes".into()))
+}
+
+impl Store {
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(data_dir.join(STORE_FILE))?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store { conn })
+    }
+
+    /// The next unused sequence number.
+    pub fn next_seq(&self) -> Result<u64, StoreError> {
+        let max: Option<u64> = self.conn.query_row("SELECT MAX(seq) FROM leaves", [], |r| r.get(0))?;
+        Ok(max.map_or(0, |m| m + 1))
+    }
+
+    /// Persists leaves in one transaction (group commit).
+    pub fn append_leaves(&mut self, leaves: &[StoredLeaf]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached("INSERT INTO leaves (seq, digest, record) VALUES (?1, ?2, ?3)")?;
+            for l in leaves {
+                stmt.execute(params![l.seq, &l.digest[..], &l.record])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn record_gap(&self, at_ms: u64, missed: u64, after_seq: u64) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO gaps (at_ms, missed, after_seq) VALUES (?1, ?2, ?3)",
+            params![at_ms, missed, after_seq],
+        )?;
+        Ok(())
+    }
+
+    /// The last sealed batch, if any.
+    pub fn last_batch(&self) -> Result<Option<BatchRecord>, StoreError> {
+        self.conn
+            .query_row("SELECT record FROM batches ORDER BY number DESC LIMIT 1", [], |r| {
+                r.get::<_, Vec<u8>>(0)
+            })
+            .optional()?
+            .map(|b| decode_batch(&b))
+            .transpose()
+    }
+
+    /// Leaves from `from_seq` on, in order.
+    pub fn leaves_from(&self, from_seq: u64) -> Result<Vec<StoredLeaf>, StoreError> {
+        self.leaves_in(from_seq, u64::MAX)
+    }
+
+    /// Leaves with `from <= seq < to`, in order.
+    pub fn leaves_in(&self, from: u64, to: u64) -> Result<Vec<StoredLeaf>, StoreError> {
+        let to = i64::try_from(to).unwrap_or(i64::MAX);
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT seq, digest, record FROM leaves WHERE seq >= ?1 AND seq < ?2 ORDER BY seq")?;
+        let rows = stmt.query_map(params![from, to], |r| {
+            Ok((r.get::<_, u64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, Vec<u8>>(2)?))
+        })?;
+        rows.map(|row| {
+            let (seq, digest, record) = row?;
+            Ok(StoredLeaf { seq, digest: hash32(digest)?, record })
+        })
+        .collect()
+    }
+
+    /// Stores a sealed batch, its new log nodes and its checkpoint atomically.
+    pub fn seal(
+        &mut self,
+        batch: &BatchRecord,
+        nodes: &[(u32, u64, Hash)],
+        checkpoint_note: &str,
+    ) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO batches (number, first_seq, size, record) VALUES (?1, ?2, ?3, ?4)",
+            params![batch.number, batch.first_seq, batch.size, batch.encode()],
+        )?;
+        {
+            let mut stmt = tx.prepare_cached("INSERT INTO log_nodes (level, idx, hash) VALUES (?1, ?2, ?3)")?;
+            for (level, idx, hash) in nodes {
+                stmt.execute(params![level, idx, &hash[..]])?;
+            }
+        }
+        tx.execute(
+            "INSERT INTO checkpoints (size, note) VALUES (?1, ?2)",
+            params![batch.number + 1, checkpoint_note],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn put_receipt(&self, size: u64, ledger: &str, receipt: &Receipt) -> Result<(), StoreError> {
+        let json = serde_json::to_string(receipt).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.conn.execute(
+            "INSERT OR REPLACE INTO receipts (size, ledger, receipt) VALUES (?1, ?2, ?3)",
+            params![size, ledger, json],
+        )?;
+        Ok(())
+    }
+
+    /// Checkpoints that `ledger` has not anchored yet, oldest first.
+    pub fn unanchored(&self, ledger: &str) -> Result<Vec<(u64, String)>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT c.size, c.note FROM checkpoints c
+             WHERE NOT EXISTS (SELECT 1 FROM receipts r WHERE r.size = c.size AND r.ledger = ?1)
+             ORDER BY c.size",
+        )?;
+        let rows = stmt.query_map([ledger], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn leaves_by_digest(&self, digest: &[u8; 32]) -> Result<Vec<StoredLeaf>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT seq, record FROM leaves WHERE digest = ?1 ORDER BY seq")?;
+        let rows = stmt.query_map([&digest[..]], |r| Ok((r.get::<_, u64>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
+        rows.map(|row| {
+            let (seq, record) = row?;
+            Ok(StoredLeaf { seq, digest: *digest, record })
+        })
+        .collect()
+    }
+
+    /// The sealed batch holding `seq`, if it is sealed.
+    pub fn batch_of(&self, seq: u64) -> Result<Option<BatchRecord>, StoreError> {
+        let rec: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached("SELECT record FROM batches WHERE first_seq <= ?1 ORDER BY first_seq DESC LIMIT 1")?
+            .query_row([seq], |r| r.get(0))
+            .optional()?;
+        match rec {
+            Some(b) => {
+                let batch = decode_batch(&b)?;
+                Ok((seq < batch.first_seq + batch.size).then_some(batch))
+            }
+            None => Ok(None),
+        }
+    }
+
+    pub fn checkpoint(&self, size: u64) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT note FROM checkpoints WHERE size = ?1")?
+            .query_row([size], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// The newest checkpoint: (size, note).
+    pub fn latest_checkpoint(&self) -> Result<Option<(u64, String)>, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT size, note FROM checkpoints ORDER BY size DESC LIMIT 1", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?)
+    }
+
+    pub fn receipts(&self, size: u64) -> Result<Vec<Receipt>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT receipt FROM receipts WHERE size = ?1 ORDER BY ledger")?;
+        let rows = stmt.query_map([size], |r| r.get::<_, String>(0))?;
+        rows.map(|json| {
+            serde_json::from_str(&json?).map_err(|e| StoreError::Corrupt(format!("receipt: {e}")))
+        })
+        .collect()
+    }
+
+    /// The log size: the number of sealed batches.
+    pub fn log_size(&self) -> Result<u64, StoreError> {
+        Ok(self.last_batch()?.map_or(0, |b| b.number + 1))
+    }
+
+    /// RFC 9162 inclusion path of batch `index` in the log at `size`.
+    pub fn log_inclusion(&self, index: u64, size: u64) -> Result<Vec<Hash>, StoreError> {
+        tree::inclusion_proof(&mut Nodes(self), index, size)
+    }
+
+    /// RFC 9162 consistency proof between two log sizes.
+    pub fn log_consistency(&self, old: u64, new: u64) -> Result<Vec<Hash>, StoreError> {
+        tree::consistency_proof(&mut Nodes(self), old, new)
+    }
+
+    /// The log root at `size` (>= 1).
+    pub fn log_root(&self, size: u64) -> Result<Hash, StoreError> {
+        tree::root(&mut Nodes(self), size)
+    }
+
+    /// Computes the log nodes completed by appending a batch at `index`.
+    pub fn nodes_after_append(&self, index: u64, leaf: Hash) -> Result<Vec<(u32, u64, Hash)>, StoreError> {
+        tree::perfect_nodes_after_append(index, leaf, |level, idx| Nodes(self).node(level, idx))
+    }
+}
+
+impl Store {
+    /// A perfect-subtree node of the log.
+    pub fn log_node(&self, level: u32, index: u64) -> Result<Hash, StoreError> {
+        Nodes(self).node(level, index)
+    }
+}
+
+struct Nodes<'a>(&'a Store);
+
+impl NodeSource for Nodes<'_> {
+    type Error = StoreError;
+    fn node(&mut self, level: u32, index: u64) -> Result<Hash, StoreError> {
+        let hash: Option<Vec<u8>> = self
+            .0
+            .conn
+            .prepare_cached("SELECT hash FROM log_nodes WHERE level = ?1 AND idx = ?2")?
+            .query_row(params![level, index], |r| r.get(0))
+            .optional()?;
+        hash32(hash.ok_or_else(|| StoreError::Corrupt(format!("missing log node {level}/{index}")))?)
+    }
+}
+
+fn decode_batch(bytes: &[u8]) -> Result<BatchRecord, StoreError> {
+    BatchRecord::decode(bytes).map_err(|e| StoreError::Corrupt(format!("batch record: {e}")))
+}

@@ -1,0 +1,86 @@
+//! The proof bundle: one JSON document that proves one notarized message
+//! offline, from payload to ledger anchor (docs/PROTOCOL.md §Proof bundle).
+//!
+//! Binary records travel as base64 of their canonical bytes, so a verifier
+//! hashes exactly what the log committed to and never re-serializes.
+
+use crate::receipt::Receipt;
+use crate::Hash;
+use serde::{Deserialize, Serialize};
+
+/// The value of the `format` field of a version 1 bundle.
+pub const BUNDLE_FORMAT: &str = "mqtt-notary/bundle/v1";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProofBundle {
+    pub format: String,
+    /// The leaf record (base64).
+    #[serde(with = "b64")]
+    pub leaf: Vec<u8>,
+    /// The leaf's index inside its batch.
+    pub leaf_index: u64,
+    /// RFC 9162 inclusion path of the leaf in the batch tree, leaf to root.
+    #[serde(with = "b64_list")]
+    pub batch_path: Vec<Hash>,
+    /// The batch record (base64); its number is its index in the log.
+    #[serde(with = "b64")]
+    pub batch: Vec<u8>,
+    /// RFC 9162 inclusion path of the batch record in the log at the
+    /// checkpoint's size.
+    #[serde(with = "b64_list")]
+    pub log_path: Vec<Hash>,
+    /// The signed checkpoint note.
+    pub checkpoint: String,
+    /// Anchors of this checkpoint, one per ledger.
+    pub receipts: Vec<Receipt>,
+}
+
+impl ProofBundle {
+    pub fn to_json(&self) -> String {
+        // A struct of strings, numbers and lists always serializes.
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+mod b64 {
+    use base64::engine::general_purpose::STANDARD as B64;
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&B64.encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        B64.decode(s).map_err(|_| serde::de::Error::custom("invalid base64"))
+    }
+}
+
+mod b64_list {
+    use base64::engine::general_purpose::STANDARD as B64;
+    use base64::Engine as _;
+    use serde::ser::SerializeSeq;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[[u8; 32]], s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(v.len()))?;
+        for h in v {
+            seq.serialize_element(&B64.encode(h))?;
+        }
+        seq.end()
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<[u8; 32]>, D::Error> {
+        let v = Vec::<String>::deserialize(d)?;
+        v.into_iter()
+            .map(|s| {
+                B64.decode(s)
+                    .ok()
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| serde::de::Error::custom("hash is not 32 bytes of base64"))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,318 @@
+//! Checkpoints: C2SP tlog-checkpoint bodies in C2SP signed notes, signed
+//! with Ed25519. Key strings use the formats of Go's `golang.org/x/mod/sumdb/note`
+//! package, so standard transparency-log tooling reads them:
+//!
+//! - verifier key: `<name>+<key id hex>+<base64(0x01 || public key)>`
+//! - signer key:   `PRIVATE+KEY+<name>+<key id hex>+<base64(0x01 || seed)>`
+//! - key id:       first 4 bytes of SHA-256(name || "\n" || 0x01 || public key)
+//!
+//! A signed note is the body, an empty line, then one line per signature:
+//! `— <name> <base64(key id || signature)>` (U+2014, then a space).
+
+use crate::hash::{sha256, Hash};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
+
+const ALG_ED25519: u8 = 0x01;
+const SIG_PREFIX: &str = "\u{2014} ";
+
+/// Why a checkpoint note was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoteError {
+    #[error("malformed note: {0}")]
+    Malformed(&'static str),
+    #[error("the note carries no signature by the expected key")]
+    UnknownKey,
+    #[error("the checkpoint signature does not verify")]
+    BadSignature,
+}
+
+/// A tree head: origin (the log's name), size and root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub origin: String,
+    pub size: u64,
+    pub root: Hash,
+}
+
+impl Checkpoint {
+    /// The C2SP tlog-checkpoint body, newline-terminated.
+    pub fn body(&self) -> String {
+        format!("{}\n{}\n{}\n", self.origin, self.size, B64.encode(self.root))
+    }
+
+    /// Parses a checkpoint body. Extension lines after the root are allowed
+    /// by the C2SP spec and ignored here.
+    pub fn parse_body(body: &str) -> Result<Self, NoteError> {
+        let mut lines = body
+            .strip_suffix('\n')
+            .ok_or(NoteError::Malformed("body must end with a newline"))?
+            .split('\n');
+        let origin = lines.next().unwrap_or_default();
+        if origin.is_empty() {
+            return Err(NoteError::Malformed("empty origin"));
+        }
+        let size_line = lines.next().ok_or(NoteError::Malformed("missing tree size"))?;
+        if size_line.is_empty()
+            || !size_line.bytes().all(|b| b.is_ascii_digit())
+            || (size_line.len() > 1 && size_line.starts_with('0'))
+        {
+            return Err(NoteError::Malformed("tree size is not a canonical decimal"));
+        }
+        let size = size_line
+            .parse()
+            .map_err(|_| NoteError::Malformed("tree size out of range"))?;
+        let root_line = lines.next().ok_or(NoteError::Malformed("missing root hash"))?;
+        let root: Hash = B64
+            .decode(root_line)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or(NoteError::Malformed("root hash is not 32 bytes of base64"))?;
+        if lines.any(|l| l.is_empty()) {
+            return Err(NoteError::Malformed("empty extension line"));
+        }
+        Ok(Checkpoint {
+            origin: origin.to_owned(),
+            size,
+            root,
+        })
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains('+') && !name.chars().any(char::is_whitespace)
+}
+
+fn key_id(name: &str, public: &VerifyingKey) -> [u8; 4] {
+    let mut input = Vec::with_capacity(name.len() + 34);
+    input.extend_from_slice(name.as_bytes());
+    input.push(b'\n');
+    input.push(ALG_ED25519);
+    input.extend_from_slice(public.as_bytes());
+    let h = sha256(&input);
+    [h[0], h[1], h[2], h[3]]
+}
+
+/// Signs checkpoint notes.
+pub struct NoteSigner {
+    name: String,
+    key: SigningKey,
+    id: [u8; 4],
+}
+
+impl NoteSigner {
+    /// A signer from a 32-byte Ed25519 seed. The name must be non-empty and
+    /// free of '+' and whitespace.
+    pub fn new(name: &str, seed: [u8; 32]) -> Result<Self, NoteError> {
+        if !valid_name(name) {
+            return Err(NoteError::Malformed("key name must be non-empty, without '+' or spaces"));
+        }
+        let key = SigningKey::from_bytes(&seed);
+        let id = key_id(name, &key.verifying_key());
+        Ok(NoteSigner { name: name.to_owned(), key, id })
+    }
+
+    /// Parses `PRIVATE+KEY+<name>+<id>+<base64>`.
+    pub fn from_key_string(s: &str) -> Result<Self, NoteError> {
+        let rest = s
+            .trim_end()
+            .strip_prefix("PRIVATE+KEY+")
+            .ok_or(NoteError::Malformed("signer key must start with PRIVATE+KEY+"))?;
+        let (name, id, key) = split_key(rest)?;
+        let seed: [u8; 32] = key
+            .try_into()
+            .map_err(|_| NoteError::Malformed("signer key is not an Ed25519 seed"))?;
+        let signer = NoteSigner::new(name, seed)?;
+        if signer.id != id {
+            return Err(NoteError::Malformed("signer key id does not match its key"));
+        }
+        Ok(signer)
+    }
+
+    /// The `PRIVATE+KEY+...` string. It is a secret: write it to a file with
+    /// restricted permissions, never to a log.
+    pub fn to_key_string(&self) -> String {
+        let mut k = vec![ALG_ED25519];
+        k.extend_from_slice(self.key.as_bytes());
+        format!("PRIVATE+KEY+{}+{}+{}", self.name, hex::encode(self.id), B64.encode(k))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn verifier(&self) -> NoteVerifier {
+        NoteVerifier {
+            name: self.name.clone(),
+            key: self.key.verifying_key(),
+            id: self.id,
+        }
+    }
+
+    /// Signs a note body (which must end with a newline) and returns the
+    /// whole signed note.
+    pub fn sign(&self, body: &str) -> String {
+        let sig = self.key.sign(body.as_bytes());
+        let mut blob = self.id.to_vec();
+        blob.extend_from_slice(&sig.to_bytes());
+        format!("{body}\n{SIG_PREFIX}{} {}\n", self.name, B64.encode(blob))
+    }
+}
+
+/// Verifies checkpoint notes against one known key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NoteVerifier {
+    name: String,
+    key: VerifyingKey,
+    id: [u8; 4],
+}
+
+fn split_key(s: &str) -> Result<(&str, [u8; 4], Vec<u8>), NoteError> {
+    let mut parts = s.split('+');
+    let (Some(name), Some(id_hex), Some(key_b64), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(NoteError::Malformed("key string must be name+id+key"));
+    };
+    if !valid_name(name) {
+        return Err(NoteError::Malformed("bad key name"));
+    }
+    let id: [u8; 4] = hex::decode(id_hex)
+        .ok()
+        .filter(|_| id_hex.len() == 8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or(NoteError::Malformed("key id must be 8 hex digits"))?;
+    let key = B64
+        .decode(key_b64)
+        .map_err(|_| NoteError::Malformed("key is not base64"))?;
+    match key.split_first() {
+        Some((&ALG_ED25519, rest)) => Ok((name, id, rest.to_vec())),
+        _ => Err(NoteError::Malformed("key algorithm is not Ed25519")),
+    }
+}
+
+impl NoteVerifier {
+    /// Parses `<name>+<id>+<base64(0x01 || public key)>`.
+    pub fn from_key_string(s: &str) -> Result<Self, NoteError> {
+        let (name, id, key) = split_key(s.trim())?;
+        let key: [u8; 32] = key
+            .try_into()
+            .map_err(|_| NoteError::Malformed("verifier key is not 32 bytes"))?;
+        let key = VerifyingKey::from_bytes(&key)
+            .map_err(|_| NoteError::Malformed("verifier key is not a valid Ed25519 point"))?;
+        if key_id(name, &key) != id {
+            return Err(NoteError::Malformed("verifier key id does not match its key"));
+        }
+        Ok(NoteVerifier { name: name.to_owned(), key, id })
+    }
+
+    pub fn to_key_string(&self) -> String {
+        let mut k = vec![ALG_ED25519];
+        k.extend_from_slice(self.key.as_bytes());
+        format!("{}+{}+{}", self.name, hex::encode(self.id), B64.encode(k))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Checks the note's signature by this key and returns the body.
+    /// Signatures by other keys are ignored; if none is by this key, the
+    /// note fails with `UnknownKey`.
+    pub fn verify<'a>(&self, note: &'a str) -> Result<&'a str, NoteError> {
+        let split = note
+            .rfind("\n\n")
+            .ok_or(NoteError::Malformed("no blank line before the signatures"))?;
+        let body = &note[..split + 1];
+        let sigs = &note[split + 2..];
+        let sigs = sigs
+            .strip_suffix('\n')
+            .ok_or(NoteError::Malformed("signature block must end with a newline"))?;
+        let mut found = false;
+        for line in sigs.split('\n') {
+            let rest = line
+                .strip_prefix(SIG_PREFIX)
+                .ok_or(NoteError::Malformed("signature line must start with an em dash"))?;
+            let (name, b64) = rest
+                .split_once(' ')
+                .ok_or(NoteError::Malformed("signature line must be name and signature"))?;
+            let blob = B64
+                .decode(b64)
+                .map_err(|_| NoteError::Malformed("signature is not base64"))?;
+            if name != self.name || blob.len() < 4 || blob[..4] != self.id {
+                continue;
+            }
+            found = true;
+            let sig = Signature::from_slice(&blob[4..]).map_err(|_| NoteError::BadSignature)?;
+            self.key
+                .verify_strict(body.as_bytes(), &sig)
+                .map_err(|_| NoteError::BadSignature)?;
+        }
+        if found {
+            Ok(body)
+        } else {
+            Err(NoteError::UnknownKey)
+        }
+    }
+
+    /// Verifies a signed checkpoint and parses it. The checkpoint's origin
+    /// must be the key's name.
+    pub fn verify_checkpoint(&self, note: &str) -> Result<Checkpoint, NoteError> {
+        let cp = Checkpoint::parse_body(self.verify(note)?)?;
+        if cp.origin != self.name {
+            return Err(NoteError::UnknownKey);
+        }
+        Ok(cp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signer() -> NoteSigner {
+        NoteSigner::new("example.com/log", [7; 32]).expect("valid name")
+    }
+
+    #[test]
+    fn signs_and_verifies_and_round_trips_keys() {
+        let s = signer();
+        let cp = Checkpoint { origin: "example.com/log".into(), size: 12, root: [3; 32] };
+        let note = s.sign(&cp.body());
+        let v = NoteVerifier::from_key_string(&s.verifier().to_key_string()).expect("parses");
+        assert_eq!(v.verify_checkpoint(&note).expect("valid"), cp);
+        let s2 = NoteSigner::from_key_string(&s.to_key_string()).expect("parses");
+        assert_eq!(s2.verifier(), v);
+    }
+
+    #[test]
+    fn any_flipped_byte_fails() {
+        let s = signer();
+        let cp = Checkpoint { origin: "example.com/log".into(), size: 12, root: [3; 32] };
+        let note = s.sign(&cp.body());
+        let v = s.verifier();
+        for i in 0..note.len() {
+            let mut b = note.clone().into_bytes();
+            b[i] ^= 0x01;
+            if let Ok(t) = String::from_utf8(b) {
+                assert!(v.verify_checkpoint(&t).is_err(), "byte {i} flipped still verifies");
+            }
+        }
+    }
+
+    #[test]
+    fn other_keys_are_unknown() {
+        let cp = Checkpoint { origin: "example.com/log".into(), size: 1, root: [0; 32] };
+        let note = signer().sign(&cp.body());
+        let other = NoteSigner::new("example.com/log", [8; 32]).expect("valid").verifier();
+        assert_eq!(other.verify_checkpoint(&note), Err(NoteError::UnknownKey));
+    }
+
+    #[test]
+    fn rejects_non_canonical_sizes() {
+        for body in ["o\n01\nAAAA\n", "o\n\nAAAA\n", "o\n-1\nAAAA\n", "o\n1\n", "\n1\nAAAA\n"] {
+            assert!(Checkpoint::parse_body(body).is_err(), "{body:?}");
+        }
+    }
+}

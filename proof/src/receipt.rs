@@ -1,0 +1,128 @@
+//! Anchor receipts: evidence that a signed checkpoint was recorded in a ledger.
+//!
+//! Version 1 knows one ledger: the local SQLite hash chain. Its entry is
+//! encoded (big-endian) and hashed as:
+//!
+//! ```text
+//! u8   version = 1
+//! u64  index            position in the chain, from 0
+//! [32] previous entry hash (32 zero bytes for index 0)
+//! [32] checkpoint hash  SHA-256 of the whole signed checkpoint note
+//! u64  anchored_at_ms   ledger clock, Unix milliseconds
+//! entry hash = SHA-256(encoding)
+//! ```
+
+use crate::hash::{hash_eq, sha256, Hash};
+use serde::{Deserialize, Serialize};
+
+pub const LOCAL_ENTRY_VERSION: u8 = 1;
+
+/// One entry of the local ledger's hash chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalEntry {
+    pub index: u64,
+    pub prev_hash: Hash,
+    pub checkpoint_hash: Hash,
+    pub anchored_at_ms: u64,
+}
+
+impl LocalEntry {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(81);
+        out.push(LOCAL_ENTRY_VERSION);
+        out.extend_from_slice(&self.index.to_be_bytes());
+        out.extend_from_slice(&self.prev_hash);
+        out.extend_from_slice(&self.checkpoint_hash);
+        out.extend_from_slice(&self.anchored_at_ms.to_be_bytes());
+        out
+    }
+
+    pub fn hash(&self) -> Hash {
+        sha256(&self.encode())
+    }
+}
+
+/// A receipt as carried in a proof bundle, tagged by ledger type.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Receipt {
+    /// An entry in the broker's local SQLite ledger.
+    Local {
+        index: u64,
+        #[serde(with = "hex32")]
+        prev_hash: Hash,
+        #[serde(with = "hex32")]
+        checkpoint_hash: Hash,
+        anchored_at_ms: u64,
+        #[serde(with = "hex32")]
+        entry_hash: Hash,
+    },
+}
+
+/// Why a receipt does not bind the checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReceiptProblem {
+    CheckpointHash,
+    EntryHash,
+}
+
+impl Receipt {
+    /// A local receipt for a ledger entry.
+    pub fn local(entry: &LocalEntry) -> Self {
+        Receipt::Local {
+            index: entry.index,
+            prev_hash: entry.prev_hash,
+            checkpoint_hash: entry.checkpoint_hash,
+            anchored_at_ms: entry.anchored_at_ms,
+            entry_hash: entry.hash(),
+        }
+    }
+
+    /// Checks, offline, that the receipt names this exact checkpoint note
+    /// and that its entry hash is the hash of its fields.
+    pub fn check(&self, checkpoint_note: &str) -> Result<(), ReceiptProblem> {
+        match self {
+            Receipt::Local { index, prev_hash, checkpoint_hash, anchored_at_ms, entry_hash } => {
+                if !hash_eq(checkpoint_hash, &sha256(checkpoint_note.as_bytes())) {
+                    return Err(ReceiptProblem::CheckpointHash);
+                }
+                let entry = LocalEntry {
+                    index: *index,
+                    prev_hash: *prev_hash,
+                    checkpoint_hash: *checkpoint_hash,
+                    anchored_at_ms: *anchored_at_ms,
+                };
+                if !hash_eq(&entry.hash(), entry_hash) {
+                    return Err(ReceiptProblem::EntryHash);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// A one-line human description.
+    pub fn describe(&self) -> String {
+        match self {
+            Receipt::Local { index, anchored_at_ms, entry_hash, .. } => format!(
+                "local ledger entry {index} ({}), anchored at {anchored_at_ms} ms",
+                hex::encode(entry_hash)
+            ),
+        }
+    }
+}
+
+pub(crate) mod hex32 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(h: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(h))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let s = String::deserialize(d)?;
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(&s, &mut out)
+            .map_err(|_| serde::de::Error::custom("expected 64 hex digits"))?;
+        Ok(out)
+    }
+}
