@@ -169,10 +169,10 @@ pub struct NoteVerifier {
 }
 
 fn split_key(s: &str) -> Result<(&str, [u8; 4], Vec<u8>), NoteError> {
-    let mut parts = s.split('+');
-    let (Some(name), Some(id_hex), Some(key_b64), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    // The key is standard base64, which may itself contain '+': like Go's
+    // note package, split off only the name and the id.
+    let mut parts = s.splitn(3, '+');
+    let (Some(name), Some(id_hex), Some(key_b64)) = (parts.next(), parts.next(), parts.next()) else {
         return Err(NoteError::Malformed("key string must be name+id+key"));
     };
     if !valid_name(name) {
@@ -298,6 +298,16 @@ mod tests {
             if let Ok(t) = String::from_utf8(b) {
                 assert!(v.verify_checkpoint(&t).is_err(), "byte {i} flipped still verifies");
             }
+        }
+    }
+
+    #[test]
+    fn keys_whose_base64_contains_plus_round_trip() {
+        for seed in 0u8..=255 {
+            let s = NoteSigner::new("a/b", [seed; 32]).expect("valid");
+            let v = s.verifier().to_key_string();
+            assert_eq!(NoteVerifier::from_key_string(&v).expect("parses"), s.verifier(), "{v}");
+            assert!(NoteSigner::from_key_string(&s.to_key_string()).is_ok());
         }
     }
 

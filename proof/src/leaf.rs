@@ -121,8 +121,16 @@ impl LeafRecord {
         let ext_len = r.u16()? as usize;
         let extension = r.take(ext_len)?.to_vec();
         r.finish()?;
-        if assurance == Assurance::BrokerReceived && !extension.is_empty() {
-            return Err(FormatError("broker-received leaf with extension fields"));
+        match assurance {
+            Assurance::BrokerReceived if !extension.is_empty() => {
+                return Err(FormatError("broker-received leaf with extension fields"))
+            }
+            // Device fields are defined together with device envelopes; a
+            // device-signed claim without them proves nothing.
+            Assurance::DeviceSigned if extension.is_empty() => {
+                return Err(FormatError("device-signed leaf without device fields"))
+            }
+            _ => {}
         }
         Ok(LeafRecord {
             assurance,

@@ -1,1 +1,9 @@
-fn main(){}
+//! End-to-end tests: the real `mqtt-notary` binary, Debian's mosquitto
+//! clients, real SQLite files. One test binary; modules by theme.
+
+mod bad_input;
+mod cli;
+mod notarize;
+mod restart;
+mod support;
+mod tamper;

@@ -1,0 +1,282 @@
+//! Proof-bundle test vectors: `tests/vectors/bundles.json`.
+//!
+//! This file is both the generator and the check. `cargo test -p notary-proof
+//! --test vectors` fails if the checked-in file differs from what the
+//! generator makes, then verifies every case. To regenerate after a
+//! deliberate format change: `NOTARY_WRITE_VECTORS=1 cargo test -p notary-proof --test vectors`.
+//!
+//! Every case is deterministic: fixed keys, times and payloads. Negative
+//! cases are named by the mutation they make.
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use notary_proof::tree::{inclusion_proof, root, MemoryTree};
+use notary_proof::{
+    verify_bundle_json, BatchRecord, BatchTree, Checkpoint, LeafRecord, LocalEntry, NoteSigner, NoteVerifier,
+    ProofBundle, Receipt, BUNDLE_FORMAT,
+};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+
+const ORIGIN: &str = "example.com/notary-vectors";
+const T0: u64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+
+fn vectors_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/vectors/bundles.json")
+}
+
+fn signer() -> NoteSigner {
+    NoteSigner::new(ORIGIN, [0x42; 32]).expect("valid origin")
+}
+
+fn payload(seq: u64) -> Vec<u8> {
+    format!("{{\"sensor\":\"t{}\",\"celsius\":{}.5}}", seq % 4, 18 + seq % 7).into_bytes()
+}
+
+/// A log of 5 batches with sizes 1, 7, 3, 16, 2; bundles for the first,
+/// middle and last leaf of every batch.
+fn build() -> Vec<(String, Vec<u8>, ProofBundle)> {
+    let signer = signer();
+    let sizes = [1u64, 7, 3, 16, 2];
+    let mut log = MemoryTree::new();
+    let mut seq = 0u64;
+    let mut prev_entry = [0u8; 32];
+    let mut out = Vec::new();
+    for (number, &size) in sizes.iter().enumerate() {
+        let number = number as u64;
+        let leaves: Vec<LeafRecord> = (seq..seq + size)
+            .map(|s| LeafRecord::broker_received(s, T0 + s * 10, &format!("plant/line{}/temp", s % 3), &payload(s)))
+            .collect();
+        let hashes: Vec<_> = leaves.iter().map(|l| l.leaf_hash().expect("encodes")).collect();
+        let tree = BatchTree::new(&hashes).expect("non-empty");
+        let batch = BatchRecord {
+            number,
+            first_seq: seq,
+            size,
+            root: tree.root(),
+            sealed_at_ms: T0 + 60_000 * (number + 1),
+        };
+        log.append(batch.leaf_hash());
+        let cp_size = number + 1;
+        let cp = Checkpoint { origin: ORIGIN.into(), size: cp_size, root: root(&mut log, cp_size).expect("root") };
+        let note = signer.sign(&cp.body());
+        let entry = LocalEntry {
+            index: number,
+            prev_hash: prev_entry,
+            checkpoint_hash: notary_proof::hash::sha256(note.as_bytes()),
+            anchored_at_ms: batch.sealed_at_ms + 5,
+        };
+        prev_entry = entry.hash();
+        for (i, leaf) in leaves.iter().enumerate() {
+            let i = i as u64;
+            if !(i == 0 || i == size / 2 || i == size - 1) {
+                continue;
+            }
+            let bundle = ProofBundle {
+                format: BUNDLE_FORMAT.into(),
+                leaf: leaf.encode().expect("encodes"),
+                leaf_index: i,
+                batch_path: tree.path(i).expect("in range"),
+                batch: batch.encode(),
+                log_path: inclusion_proof(&mut log, number, cp_size).expect("path"),
+                checkpoint: note.clone(),
+                receipts: vec![Receipt::local(&entry)],
+            };
+            let name = format!("valid-batch{number}-leaf{i}");
+            if !out.iter().any(|(n, _, _)| *n == name) {
+                out.push((name, payload(leaf.seq), bundle));
+            }
+        }
+        seq += size;
+    }
+    out
+}
+
+fn flip_bit(bytes: &mut [u8], byte: usize, bit: u8) {
+    bytes[byte] ^= 1 << bit;
+}
+
+fn case(name: &str, expect: &str, payload: &[u8], bundle_json: String) -> Value {
+    json!({"name": name, "expect": expect, "payload_hex": hex::encode(payload), "bundle_json": bundle_json})
+}
+
+fn to_json(b: &ProofBundle) -> String {
+    serde_json::to_string(b).expect("serializes")
+}
+
+/// Edits the JSON form of a bundle, for mutations the struct cannot express.
+fn edit(b: &ProofBundle, f: impl FnOnce(&mut serde_json::Map<String, Value>)) -> String {
+    let mut v = serde_json::to_value(b).expect("serializes");
+    if let Value::Object(m) = &mut v {
+        f(m);
+    }
+    v.to_string()
+}
+
+fn body_of(note: &str) -> &str {
+    &note[..note.find("\n\n").expect("signed note has a body") + 1]
+}
+
+fn generate() -> Value {
+    let valid = build();
+    let mut cases: Vec<Value> = valid.iter().map(|(n, p, b)| case(n, "valid", p, to_json(b))).collect();
+    // Mutations of a leaf in the middle of a 16-leaf batch, at log size 4.
+    let (_, payload, base) = valid
+        .iter()
+        .find(|(n, _, _)| n == "valid-batch3-leaf8")
+        .expect("case exists")
+        .clone();
+    let m = |f: &dyn Fn(&mut ProofBundle)| {
+        let mut b = base.clone();
+        f(&mut b);
+        to_json(&b)
+    };
+    let mut add = |name: &str, expect: &str, payload: &[u8], json: String| cases.push(case(name, expect, payload, json));
+
+    let mut p = payload.clone();
+    flip_bit(&mut p, 3, 0);
+    add("payload-bit-@3.0", "digest-mismatch", &p, to_json(&base));
+    add("payload-truncated", "digest-mismatch", &payload[..payload.len() - 1], to_json(&base));
+    let mut longer = payload.clone();
+    longer.push(b' ');
+    add("payload-extended", "digest-mismatch", &longer, to_json(&base));
+
+    // Leaf record: bytes 2..10 seq, 10..18 received_at, 18..26 length, 26..58 digest.
+    add("leaf-digest-bit-@30.2", "root-mismatch", &payload, m(&|b| flip_bit(&mut b.leaf, 30, 2)));
+    add("leaf-received-at-bit-@17.0", "root-mismatch", &payload, m(&|b| flip_bit(&mut b.leaf, 17, 0)));
+    add("leaf-topic-bit-@62.0", "root-mismatch", &payload, m(&|b| flip_bit(&mut b.leaf, 62, 0)));
+    add("leaf-assurance-device-signed", "malformed", &payload, m(&|b| b.leaf[1] = 2));
+    add("leaf-seq-bit-@9.1", "bad-path", &payload, m(&|b| flip_bit(&mut b.leaf, 9, 1)));
+    add("leaf-version-2", "malformed", &payload, m(&|b| b.leaf[0] = 2));
+    add("leaf-truncated", "malformed", &payload, m(&|b| {
+        b.leaf.pop();
+    }));
+    add("leaf-trailing-byte", "malformed", &payload, m(&|b| b.leaf.push(0)));
+    add("leaf-index-plus-1", "bad-path", &payload, m(&|b| b.leaf_index += 1));
+
+    add("batch-path[0]-bit-@3.3", "root-mismatch", &payload, m(&|b| flip_bit(&mut b.batch_path[0], 3, 3)));
+    add("batch-path[3]-bit-@31.7", "root-mismatch", &payload, m(&|b| flip_bit(&mut b.batch_path[3], 31, 7)));
+    add("batch-path-extra-hash", "bad-path", &payload, m(&|b| {
+        let h = b.batch_path[0];
+        b.batch_path.push(h);
+    }));
+    add("batch-path-missing-hash", "bad-path", &payload, m(&|b| {
+        b.batch_path.pop();
+    }));
+    add("batch-path-swapped", "root-mismatch", &payload, m(&|b| b.batch_path.swap(0, 1)));
+
+    // Batch record: bytes 1..9 number, 9..17 first seq, 17..25 size, 25..57 root.
+    add("batch-root-bit-@40.1", "root-mismatch", &payload, m(&|b| flip_bit(&mut b.batch, 40, 1)));
+    add("batch-size-bit-@24.0", "root-mismatch", &payload, m(&|b| flip_bit(&mut b.batch, 24, 0)));
+    add("batch-number-bit-@8.0", "root-mismatch", &payload, m(&|b| flip_bit(&mut b.batch, 8, 0)));
+    add("batch-sealed-at-bit-@64.0", "root-mismatch", &payload, m(&|b| flip_bit(&mut b.batch, 64, 0)));
+    add("batch-truncated", "malformed", &payload, m(&|b| {
+        b.batch.pop();
+    }));
+
+    add("log-path[0]-bit-@0.0", "root-mismatch", &payload, m(&|b| flip_bit(&mut b.log_path[0], 0, 0)));
+    add("log-path-extra-hash", "bad-path", &payload, m(&|b| {
+        let h = b.log_path[0];
+        b.log_path.push(h);
+    }));
+    add("log-path-empty", "bad-path", &payload, m(&|b| b.log_path.clear()));
+
+    add("checkpoint-signature-byte-changed", "bad-checkpoint-signature", &payload, m(&|b| {
+        let mut note = b.checkpoint.clone().into_bytes();
+        let at = note.len() - 10; // inside the base64 signature
+        note[at] = if note[at] == b'A' { b'B' } else { b'A' };
+        b.checkpoint = String::from_utf8(note).expect("ascii edit");
+    }));
+    add("checkpoint-root-bit-@0.0", "bad-checkpoint-signature", &payload, m(&|b| {
+        let root_line = b.checkpoint.split('\n').nth(2).expect("root line").to_owned();
+        let mut root = B64.decode(&root_line).expect("root");
+        root[0] ^= 1;
+        b.checkpoint = b.checkpoint.replacen(&root_line, &B64.encode(root), 1);
+    }));
+    add("checkpoint-size-plus-1", "bad-checkpoint-signature", &payload, m(&|b| {
+        b.checkpoint = b.checkpoint.replacen(&format!("{ORIGIN}\n4\n"), &format!("{ORIGIN}\n5\n"), 1);
+    }));
+    add("checkpoint-signed-by-other-key", "unknown-key", &payload, m(&|b| {
+        let other = NoteSigner::new(ORIGIN, [0x43; 32]).expect("valid");
+        b.checkpoint = other.sign(body_of(&b.checkpoint));
+    }));
+    add("checkpoint-signature-stripped", "malformed", &payload, m(&|b| {
+        b.checkpoint = body_of(&b.checkpoint).to_owned();
+    }));
+
+    add("receipt-checkpoint-hash-bit-@5.4", "receipt-mismatch", &payload, m(&|b| {
+        let Receipt::Local { checkpoint_hash, .. } = &mut b.receipts[0];
+        flip_bit(checkpoint_hash, 5, 4);
+    }));
+    add("receipt-entry-hash-bit-@0.0", "receipt-mismatch", &payload, m(&|b| {
+        let Receipt::Local { entry_hash, .. } = &mut b.receipts[0];
+        flip_bit(entry_hash, 0, 0);
+    }));
+    add("receipt-prev-hash-bit-@31.0", "receipt-mismatch", &payload, m(&|b| {
+        let Receipt::Local { prev_hash, .. } = &mut b.receipts[0];
+        flip_bit(prev_hash, 31, 0);
+    }));
+    add("receipt-index-plus-1", "receipt-mismatch", &payload, m(&|b| {
+        let Receipt::Local { index, .. } = &mut b.receipts[0];
+        *index += 1;
+    }));
+    add("receipt-anchored-at-plus-1", "receipt-mismatch", &payload, m(&|b| {
+        let Receipt::Local { anchored_at_ms, .. } = &mut b.receipts[0];
+        *anchored_at_ms += 1;
+    }));
+    add("receipts-empty", "receipt-mismatch", &payload, m(&|b| b.receipts.clear()));
+
+    add("format-v2", "malformed", &payload, m(&|b| b.format = "mqtt-notary/bundle/v2".into()));
+    add("trailing-garbage", "malformed", &payload, to_json(&base) + "x");
+    add("unknown-field", "malformed", &payload, edit(&base, |o| {
+        o.insert("extra".into(), json!(1));
+    }));
+    add("missing-field-log-path", "malformed", &payload, edit(&base, |o| {
+        o.remove("log_path");
+    }));
+    add("unknown-receipt-type", "malformed", &payload, edit(&base, |o| {
+        o.insert("receipts".into(), json!([{"type": "carrier-pigeon"}]));
+    }));
+    add("hash-not-base64", "malformed", &payload, edit(&base, |o| {
+        o.insert("batch_path".into(), json!(["%%%"]));
+    }));
+    add("hash-31-bytes", "malformed", &payload, edit(&base, |o| {
+        o.insert("batch_path".into(), json!([B64.encode([0u8; 31])]));
+    }));
+    add("not-json", "malformed", &payload, "proof please".into());
+
+    json!({
+        "description": "mqtt-notary proof bundle vectors. Verify bundle_json against the bytes of payload_hex with broker_key; expect is 'valid' or the code of the first failing check (docs/PROTOCOL.md, Verification).",
+        "broker_key": signer().verifier().to_key_string(),
+        "cases": cases,
+    })
+}
+
+#[test]
+fn checked_in_vectors_match_the_generator() {
+    let generated = serde_json::to_string_pretty(&generate()).expect("serializes") + "\n";
+    let path = vectors_path();
+    if std::env::var_os("NOTARY_WRITE_VECTORS").is_some() {
+        std::fs::write(&path, &generated).expect("writes vectors");
+    }
+    let on_disk = std::fs::read_to_string(&path).expect("tests/vectors/bundles.json exists");
+    assert!(on_disk == generated, "vectors are stale: rerun with NOTARY_WRITE_VECTORS=1");
+}
+
+#[test]
+fn every_vector_verifies_as_expected() {
+    let text = std::fs::read_to_string(vectors_path()).expect("vectors exist");
+    let file: Value = serde_json::from_str(&text).expect("vectors parse");
+    let key = NoteVerifier::from_key_string(file["broker_key"].as_str().expect("key")).expect("key parses");
+    let cases = file["cases"].as_array().expect("cases");
+    assert!(cases.len() > 40, "{} cases", cases.len());
+    for c in cases {
+        let name = c["name"].as_str().expect("name");
+        let payload = hex::decode(c["payload_hex"].as_str().expect("payload")).expect("hex");
+        let got = match verify_bundle_json(c["bundle_json"].as_str().expect("bundle").as_bytes(), &payload, &key) {
+            Ok(_) => "valid",
+            Err(e) => e.code(),
+        };
+        assert_eq!(got, c["expect"].as_str().expect("expect"), "case {name}");
+    }
+}

@@ -1,0 +1,108 @@
+//! Messages in, provable bundles out.
+
+use crate::support::*;
+use notary_proof::{verify_bundle_json, NoteVerifier, ProofBundle};
+use serde_json::Value;
+
+fn key(n: &Notary) -> NoteVerifier {
+    NoteVerifier::from_key_string(&std::fs::read_to_string(n.broker_key()).expect("broker.pub")).expect("key")
+}
+
+#[test]
+fn ten_thousand_messages_from_mosquitto_pub_all_verify() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let notary = Notary::start(tmp.path());
+    const N: usize = 10_000;
+    let lines: Vec<String> = (0..N).map(|i| format!("{{\"device\":\"d{}\",\"reading\":{i}}}", i % 17)).collect();
+    publish_lines(notary.mqtt, "factory/line1/readings", 1, &lines);
+
+    // Every message persisted, then every one sealed and anchored.
+    eventually("10,000 leaves persisted", || (notary.metric("messages_notarized_total") >= N as u64).then_some(()));
+    notary.wait_proof(lines[N - 1].as_bytes());
+    assert_eq!(notary.metric("messages_received_total"), N as u64);
+    assert_eq!(notary.metric("gap_messages_total"), 0);
+
+    let key = key(&notary);
+    let mut seqs = std::collections::HashSet::new();
+    for (i, line) in lines.iter().enumerate() {
+        let body = notary.wait_proof(line.as_bytes());
+        let bundles: Vec<Value> = serde_json::from_str(&body).expect("JSON array");
+        assert_eq!(bundles.len(), 1, "message {i} notarized once");
+        let v = verify_bundle_json(bundles[0].to_string().as_bytes(), line.as_bytes(), &key)
+            .unwrap_or_else(|e| panic!("message {i}: {e}"));
+        assert_eq!(v.leaf.topic, "factory/line1/readings");
+        assert!(seqs.insert(v.leaf.seq), "sequence numbers are unique");
+        // The command-line verifier agrees, on a sample spread over all batches.
+        if i % 500 == 0 || i == N - 1 {
+            let (code, out, err) = cli_verify(&body, line.as_bytes(), &notary.broker_key());
+            assert_eq!(code, 0, "verify rejected message {i}: {err}");
+            assert!(out.contains("topic:       factory/line1/readings"), "{out}");
+            assert!(out.contains("assurance:   broker-received"), "{out}");
+        }
+    }
+    assert_eq!(seqs.len(), N);
+    let (code, out) = ledger_verify(&notary.dir);
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn proofs_over_mqtt_and_the_retained_checkpoint() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let notary = Notary::start(tmp.path());
+    let payload = b"{\"t\": 21.5}";
+    assert!(publish(notary.mqtt, "sensors/a", payload, &[]).status.success());
+    let http = notary.wait_proof(payload);
+
+    let sub = Subscriber::start(notary.mqtt, &["notary/proof/response/e2e"], &[]);
+    let request = format!(
+        "{{\"id\":\"req-1\",\"digest\":\"{}\",\"reply_to\":\"notary/proof/response/e2e\"}}",
+        blake3_hex(payload)
+    );
+    assert!(publish(notary.mqtt, "notary/proof/request", request.as_bytes(), &[]).status.success());
+    let (topic, answer) = sub.next_message();
+    assert_eq!(topic, "notary/proof/response/e2e");
+    let answer: Value = serde_json::from_str(&answer).expect("JSON answer");
+    assert_eq!(answer["id"], "req-1");
+    assert_eq!(answer["status"], "ok");
+    let bundles = answer["bundles"].as_array().expect("bundles");
+    let from_http: Vec<ProofBundle> = serde_json::from_str(&http).expect("bundles");
+    let from_mqtt: Vec<ProofBundle> = serde_json::from_value(Value::Array(bundles.clone())).expect("bundles");
+    assert_eq!(from_mqtt, from_http, "MQTT and HTTP serve the same bundle");
+    verify_bundle_json(bundles[0].to_string().as_bytes(), payload, &key(&notary)).expect("verifies");
+
+    // The latest checkpoint is retained on notary/checkpoint and matches HTTP.
+    let cp_sub = Subscriber::start(notary.mqtt, &["notary/checkpoint"], &["-C", "1"]);
+    let (_, note_first_line) = cp_sub.next_message();
+    let (status, note) = notary.get("/v1/checkpoint");
+    assert_eq!(status, 200);
+    key(&notary).verify_checkpoint(&note).expect("signed checkpoint");
+    assert!(note.starts_with(note_first_line.trim()), "retained checkpoint names the same log");
+}
+
+#[test]
+fn plugin_topics_are_not_notarized() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let notary = Notary::start(tmp.path());
+    assert!(publish(notary.mqtt, "notary/anything", b"internal", &[]).status.success());
+    assert!(publish(notary.mqtt, "devices/x", b"external", &[]).status.success());
+    notary.wait_proof(b"external");
+    let (status, _) = notary.get(&format!("/v1/proofs/{}", blake3_hex(b"internal")));
+    assert_eq!(status, 404);
+    assert_eq!(notary.metric("messages_received_total"), 1);
+}
+
+#[test]
+fn the_same_payload_twice_gets_two_bundles() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let notary = Notary::start(tmp.path());
+    publish_lines(notary.mqtt, "a", 1, &["same".into()]);
+    publish_lines(notary.mqtt, "b", 1, &["same".into()]);
+    let body = eventually("both notarizations proven", || {
+        let b = notary.wait_proof(b"same");
+        let n = serde_json::from_str::<Vec<Value>>(&b).map(|v| v.len()).unwrap_or(0);
+        (n == 2).then_some(b)
+    });
+    let (code, out, err) = cli_verify(&body, b"same", &notary.broker_key());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("topic:       a") && out.contains("topic:       b"), "{out}");
+}

@@ -1,0 +1,319 @@
+//! Test support: the real `mqtt-notary` binary on free loopback ports, the
+//! real `mosquitto_pub` / `mosquitto_sub`, and waits that poll a condition
+//! (never a fixed sleep standing in for one).
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_mqtt-notary");
+/// Upper bound for any wait; a healthy run needs a fraction of it.
+pub const PATIENCE: Duration = Duration::from_secs(120);
+
+/// Polls `f` until it returns `Some`, or panics naming `what`.
+pub fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < PATIENCE, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+pub fn blake3_hex(payload: &[u8]) -> String {
+    blake3::hash(payload).to_hex().to_string()
+}
+
+/// A running `mqtt-notary run`.
+pub struct Notary {
+    pub dir: PathBuf,
+    pub mqtt: u16,
+    pub http: u16,
+    pub config: Option<PathBuf>,
+    child: Option<Child>,
+}
+
+/// A config file with short batches, so tests see sealed batches quickly.
+pub fn fast_config(dir: &Path, extra: &str) -> PathBuf {
+    let path = dir.join("test-config.toml");
+    std::fs::write(&path, format!("[log]\nmax_batch_age_ms = 100\n{extra}")).expect("write config");
+    path
+}
+
+impl Notary {
+    pub fn start(dir: &Path) -> Notary {
+        let config = fast_config(dir, "");
+        Self::start_with(dir, Some(config))
+    }
+
+    pub fn start_with(dir: &Path, config: Option<PathBuf>) -> Notary {
+        let mut n = Notary { dir: dir.join("data"), mqtt: free_port(), http: free_port(), config, child: None };
+        n.spawn();
+        n
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.with_extension("log"))
+            .expect("log file");
+        let mut cmd = Command::new(BIN);
+        cmd.arg("run")
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(["--mqtt", &format!("127.0.0.1:{}", self.mqtt)])
+            .args(["--http", &format!("127.0.0.1:{}", self.http)]);
+        if let Some(c) = &self.config {
+            cmd.arg("--config").arg(c);
+        }
+        let child = cmd.stdout(Stdio::null()).stderr(log).spawn().expect("start mqtt-notary");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        eventually("mqtt-notary to listen", || {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("mqtt-notary exited early with {status}:\n{}", self.log());
+            }
+            let http = self.get("/healthz").0 == 200;
+            let mqtt = TcpStream::connect(("127.0.0.1", self.mqtt)).is_ok();
+            (http && mqtt).then_some(())
+        });
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default()
+    }
+
+    /// GET on the HTTP API: (status, body). Status 0 if it cannot connect.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        let url = format!("http://127.0.0.1:{}{path}", self.http);
+        match ureq::get(&url).timeout(Duration::from_secs(30)).call() {
+            Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
+            Err(_) => (0, String::new()),
+        }
+    }
+
+    pub fn metric(&self, name: &str) -> u64 {
+        let (_, body) = self.get("/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("notary_{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Waits until the payload's proof is served; returns the bundle array JSON.
+    pub fn wait_proof(&self, payload: &[u8]) -> String {
+        let path = format!("/v1/proofs/{}", blake3_hex(payload));
+        eventually("a proof to be available", || {
+            let (status, body) = self.get(&path);
+            (status == 200).then_some(body)
+        })
+    }
+
+    /// SIGTERM, and waits for a clean exit.
+    pub fn stop(&mut self) {
+        let child = self.child.as_mut().expect("running");
+        let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+        assert!(ok.success());
+        let status = child.wait().expect("wait");
+        self.child = None;
+        assert!(status.success(), "unclean shutdown: {status}\n{}", self.log());
+    }
+
+    /// SIGKILL: a crash.
+    pub fn crash(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("kill -9");
+        child.wait().expect("wait");
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop or crash first");
+        self.spawn();
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    pub fn broker_key(&self) -> PathBuf {
+        self.dir.join("broker.pub")
+    }
+}
+
+impl Drop for Notary {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Publishes each line of `lines` as one message with `mosquitto_pub -l`
+/// (one connection) and waits for it to finish.
+pub fn publish_lines(port: u16, topic: &str, qos: u8, lines: &[String]) {
+    let mut child = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic, "-q", &qos.to_string(), "-l"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub is installed");
+    {
+        let mut stdin = child.stdin.take().expect("stdin");
+        for l in lines {
+            writeln!(stdin, "{l}").expect("write line");
+        }
+    }
+    let out = child.wait_with_output().expect("mosquitto_pub runs");
+    assert!(out.status.success(), "mosquitto_pub failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A `mosquitto_pub -l` fed from a background thread, for a stream the
+/// broker may die under. Dropping it kills the publisher (which would
+/// otherwise reconnect forever).
+pub struct BackgroundPublisher {
+    child: Child,
+}
+
+impl BackgroundPublisher {
+    pub fn start(port: u16, topic: &str, lines: Vec<String>) -> BackgroundPublisher {
+        let mut child = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic, "-q", "1", "-l"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto_pub is installed");
+        let mut stdin = child.stdin.take().expect("stdin");
+        std::thread::spawn(move || {
+            for l in &lines {
+                if writeln!(stdin, "{l}").is_err() {
+                    return;
+                }
+            }
+        });
+        BackgroundPublisher { child }
+    }
+}
+
+impl Drop for BackgroundPublisher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One `mosquitto_pub` of one message; returns its output.
+pub fn publish(port: u16, topic: &str, payload: &[u8], extra: &[&str]) -> Output {
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(file.path(), payload).expect("write payload");
+    Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic, "-q", "1", "-f"])
+        .arg(file.path())
+        .args(extra)
+        .output()
+        .expect("mosquitto_pub is installed")
+}
+
+/// A running `mosquitto_sub`, ready (SUBACK received) when returned.
+pub struct Subscriber {
+    child: Child,
+    lines: Receiver<String>,
+}
+
+impl Subscriber {
+    pub fn start(port: u16, topics: &[&str], extra: &[&str]) -> Subscriber {
+        // Line-buffered, so each line reaches us when printed, not when a
+        // pipe buffer fills.
+        let mut cmd = Command::new("stdbuf");
+        cmd.args(["-oL", "mosquitto_sub", "-h", "127.0.0.1", "-p", &port.to_string(), "-v", "-d"]);
+        for t in topics {
+            cmd.args(["-t", t]);
+        }
+        let mut child = cmd.args(extra).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("mosquitto_sub");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let sub = Subscriber { child, lines };
+        sub.wait_line("SUBACK", |l| l.contains("received SUBACK"));
+        sub
+    }
+
+    fn wait_line(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if pred(&l) => return l,
+                Ok(_) => {}
+                Err(_) => panic!("mosquitto_sub: no {what}"),
+            }
+        }
+    }
+
+    /// The next message as (topic, payload), skipping debug lines.
+    pub fn next_message(&self) -> (String, String) {
+        let line = self.wait_line("message", |l| !l.starts_with("Client ") && !l.starts_with("Subscribed (mid"));
+        let (topic, payload) = line.split_once(' ').unwrap_or((line.as_str(), ""));
+        (topic.to_owned(), payload.to_owned())
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `mqtt-notary verify`; returns (exit code, stdout, stderr).
+pub fn cli_verify(bundle_json: &str, payload: &[u8], key: &Path) -> (i32, String, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (b, p) = (dir.path().join("bundle.json"), dir.path().join("payload"));
+    std::fs::write(&b, bundle_json).expect("write bundle");
+    std::fs::write(&p, payload).expect("write payload");
+    let out = Command::new(BIN)
+        .arg("verify")
+        .arg("--bundle")
+        .arg(&b)
+        .arg("--payload")
+        .arg(&p)
+        .arg("--broker-key")
+        .arg(key)
+        .output()
+        .expect("run verify");
+    (code(out.status), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+pub fn code(s: ExitStatus) -> i32 {
+    s.code().unwrap_or(-1)
+}
+
+/// Runs `mqtt-notary ledger verify --data-dir DIR`.
+pub fn ledger_verify(dir: &Path) -> (i32, String) {
+    let out = Command::new(BIN).args(["ledger", "verify", "--data-dir"]).arg(dir).output().expect("run");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (code(out.status), text)
+}
