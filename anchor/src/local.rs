@@ -83,18 +83,14 @@ impl LocalLedger {
 
     fn try_append(conn: &mut Connection, note: &str, now_ms: u64) -> Result<Option<Receipt>, AnchorError> {
         let checkpoint_hash = sha256(note.as_bytes());
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sql_err)?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_err)?;
         if let Some(existing) = Self::receipt_for(&tx, &checkpoint_hash)? {
             return Ok(Some(existing));
         }
         let head: Option<(u64, Vec<u8>)> = tx
-            .query_row(
-                "SELECT idx, entry_hash FROM ledger_entries ORDER BY idx DESC LIMIT 1",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
+            .query_row("SELECT idx, entry_hash FROM ledger_entries ORDER BY idx DESC LIMIT 1", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
             .optional()
             .map_err(sql_err)?;
         let (index, prev_hash) = match head {
@@ -108,14 +104,7 @@ impl LocalLedger {
                    (idx, prev_hash, checkpoint_hash, anchored_at_ms, entry_hash, checkpoint)
                  SELECT ?1, ?2, ?3, ?4, ?5, ?6
                  WHERE COALESCE((SELECT MAX(idx) FROM ledger_entries), -1) = ?1 - 1",
-                params![
-                    index,
-                    &prev_hash[..],
-                    &checkpoint_hash[..],
-                    now_ms,
-                    &entry.hash()[..],
-                    note
-                ],
+                params![index, &prev_hash[..], &checkpoint_hash[..], now_ms, &entry.hash()[..], note],
             )
             .map_err(sql_err)?;
         if inserted != 1 {
@@ -170,9 +159,7 @@ impl LocalLedger {
             if !hash_eq(&sha256(note.as_bytes()), &entry.checkpoint_hash) {
                 return Err(broken("stored checkpoint does not match its hash"));
             }
-            let cp = broker_key
-                .verify_checkpoint(&note)
-                .map_err(|e| broken(&format!("checkpoint: {e}")))?;
+            let cp = broker_key.verify_checkpoint(&note).map_err(|e| broken(&format!("checkpoint: {e}")))?;
             if cp.size < check.last_size {
                 return Err(broken("checkpoint size shrinks"));
             }
@@ -246,16 +233,28 @@ mod tests {
         let a = LocalLedger::open(&path).expect("opens");
         let b = LocalLedger::open(&path).expect("opens");
         std::thread::scope(|s| {
-            s.spawn(|| (0..50).for_each(|i| { a.anchor(&note(&signer, 2 * i), 0).expect("a"); }));
-            s.spawn(|| (0..50).for_each(|i| { b.anchor(&note(&signer, 2 * i + 1), 0).expect("b"); }));
+            s.spawn(|| {
+                (0..50).for_each(|i| {
+                    a.anchor(&note(&signer, 2 * i), 0).expect("a");
+                })
+            });
+            s.spawn(|| {
+                (0..50).for_each(|i| {
+                    b.anchor(&note(&signer, 2 * i + 1), 0).expect("b");
+                })
+            });
         });
         // Sizes interleave between writers, so only the chain itself is checked here.
         let conn = Connection::open(&path).expect("opens");
         let n: u64 = conn.query_row("SELECT COUNT(*) FROM ledger_entries", [], |r| r.get(0)).expect("count");
         assert_eq!(n, 100);
-        let mut stmt = conn.prepare("SELECT prev_hash, entry_hash FROM ledger_entries ORDER BY idx").expect("prepare");
-        let rows: Vec<(Vec<u8>, Vec<u8>)> =
-            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).expect("query").map(|r| r.expect("row")).collect();
+        let mut stmt =
+            conn.prepare("SELECT prev_hash, entry_hash FROM ledger_entries ORDER BY idx").expect("prepare");
+        let rows: Vec<(Vec<u8>, Vec<u8>)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .expect("query")
+            .map(|r| r.expect("row"))
+            .collect();
         for w in rows.windows(2) {
             assert_eq!(w[1].0, w[0].1, "each entry links to the one before");
         }
@@ -280,7 +279,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!(
             "notary-ledger-{}-{}",
             std::process::id(),
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
         ));
         std::fs::create_dir_all(&dir).expect("temp dir");
         dir

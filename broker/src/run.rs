@@ -44,11 +44,13 @@ pub fn main(
 }
 
 /// Logs go to stderr; `RUST_LOG` overrides the default filter. rumqttd logs
-/// every connection at INFO, so it is held to WARN by default.
+/// every connection at INFO, so it is held to WARN by default, and its router
+/// logs a spurious ERROR at every normal disconnect, so that module is off.
 fn init_tracing() {
     use std::io::IsTerminal as _;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,rumqttd=warn,rumqttd::router::routing=off")
+    });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -86,7 +88,10 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
     let outbox = embedded::start(&settings, intake.clone())?;
     let pipeline_cfg = PipelineConfig {
         data_dir: dir.clone(),
-        policy: BatchPolicy { max_batch_size: cfg.log.max_batch_size, max_batch_age_ms: cfg.log.max_batch_age_ms },
+        policy: BatchPolicy {
+            max_batch_size: cfg.log.max_batch_size,
+            max_batch_age_ms: cfg.log.max_batch_age_ms,
+        },
         queue_capacity: cfg.ingest.queue_capacity,
     };
     let pipeline = Pipeline::start(&pipeline_cfg, intake, inlets, outbox, signer, vec![ledger])?;
@@ -96,7 +101,9 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
     rt.block_on(async move {
         let stop = CancellationToken::new();
         let server = tokio::spawn(
-            axum::serve(listener, http::router(api)).with_graceful_shutdown(stop.clone().cancelled_owned()).into_future(),
+            axum::serve(listener, http::router(api))
+                .with_graceful_shutdown(stop.clone().cancelled_owned())
+                .into_future(),
         );
         wait_for_signal().await;
         tracing::info!("shutting down: draining, sealing and anchoring");

@@ -21,7 +21,8 @@ fn read(path: &Path) -> Result<Vec<u8>, ExitCode> {
 }
 
 fn read_key(path: &Path) -> Result<NoteVerifier, ExitCode> {
-    let text = String::from_utf8(read(path)?).map_err(|_| fail(ERROR, format!("{}: not UTF-8", path.display())))?;
+    let text =
+        String::from_utf8(read(path)?).map_err(|_| fail(ERROR, format!("{}: not UTF-8", path.display())))?;
     NoteVerifier::from_key_string(&text).map_err(|e| fail(ERROR, format!("{}: {e}", path.display())))
 }
 
@@ -38,7 +39,8 @@ pub fn bundle(bundle: &Path, payload: &Path, key: &Path) -> ExitCode {
                 .map(serde_json::from_value)
                 .collect::<Result<_, _>>()
                 .map_err(|e| fail(INVALID, format!("malformed bundle: {e} [malformed]")))?,
-            Ok(v) => vec![serde_json::from_value(v).map_err(|e| fail(INVALID, format!("malformed bundle: {e} [malformed]")))?],
+            Ok(v) => vec![serde_json::from_value(v)
+                .map_err(|e| fail(INVALID, format!("malformed bundle: {e} [malformed]")))?],
             Err(e) => return Err(fail(INVALID, format!("malformed bundle: {e} [malformed]"))),
         };
         if bundles.is_empty() {
@@ -62,7 +64,12 @@ fn print_verified(v: &Verified) {
     println!("  assurance:   {}", v.leaf.assurance.as_str());
     println!("  sequence:    {}", v.leaf.seq);
     println!("  payload:     {} bytes, BLAKE3 {}", v.leaf.payload_len, hex::encode(v.leaf.payload_digest));
-    println!("  batch:       {} ({} leaves, sealed {})", v.batch.number, v.batch.size, rfc3339(v.batch.sealed_at_ms));
+    println!(
+        "  batch:       {} ({} leaves, sealed {})",
+        v.batch.number,
+        v.batch.size,
+        rfc3339(v.batch.sealed_at_ms)
+    );
     println!("  checkpoint:  {} size {}", v.checkpoint.origin, v.checkpoint.size);
     for r in &v.receipts {
         println!("  anchor:      {}", r.describe());
@@ -88,7 +95,8 @@ pub fn ledger(data_dir: &Path, key: Option<&Path>) -> ExitCode {
         let check = ledger
             .verify(&key, |cp| match &store {
                 Some(store) => {
-                    let root = store.log_root(cp.size).map_err(|e| format!("log at size {}: {e}", cp.size))?;
+                    let root =
+                        store.log_root(cp.size).map_err(|e| format!("log at size {}: {e}", cp.size))?;
                     if root != cp.root {
                         return Err(format!("checkpoint at size {} does not match the store's log", cp.size));
                     }
@@ -123,13 +131,7 @@ fn rfc3339(ms: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        ms % 1000
-    )
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z", rem / 3600, rem % 3600 / 60, rem % 60, ms % 1000)
 }
 
 #[cfg(test)]

@@ -28,7 +28,8 @@ pub fn router(api: Api) -> Router {
 }
 
 fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    (status, Json(json!({"status": "error", "error": {"code": code, "message": message.into()}}))).into_response()
+    (status, Json(json!({"status": "error", "error": {"code": code, "message": message.into()}})))
+        .into_response()
 }
 
 fn internal(e: impl std::fmt::Display) -> Response {
@@ -43,7 +44,9 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 async fn checkpoint(State(api): State<Api>) -> Response {
     match blocking(move || api.proofs.latest_checkpoint()).await {
-        Ok(Ok(Some((_, note)))) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], note).into_response(),
+        Ok(Ok(Some((_, note)))) => {
+            ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], note).into_response()
+        }
         Ok(Ok(None)) => error(StatusCode::NOT_FOUND, "not_found", "no checkpoint yet"),
         Ok(Err(e)) => internal(e),
         Err(r) => r,
@@ -58,7 +61,9 @@ async fn proofs(State(api): State<Api>, Path(digest): Path<String>) -> Response 
     };
     match blocking(move || api.proofs.lookup(&digest)).await {
         Ok(Ok(ProofAnswer::Ready(bundles))) => Json(bundles).into_response(),
-        Ok(Ok(ProofAnswer::Pending)) => (StatusCode::ACCEPTED, Json(json!({"status": "pending"}))).into_response(),
+        Ok(Ok(ProofAnswer::Pending)) => {
+            (StatusCode::ACCEPTED, Json(json!({"status": "pending"}))).into_response()
+        }
         Ok(Ok(ProofAnswer::Unknown)) => {
             error(StatusCode::NOT_FOUND, "not_found", "no message with this digest was notarized")
         }
@@ -73,7 +78,10 @@ struct Range {
     to: u64,
 }
 
-async fn consistency(State(api): State<Api>, range: Result<Query<Range>, axum::extract::rejection::QueryRejection>) -> Response {
+async fn consistency(
+    State(api): State<Api>,
+    range: Result<Query<Range>, axum::extract::rejection::QueryRejection>,
+) -> Response {
     let Ok(Query(Range { from, to })) = range else {
         return error(StatusCode::BAD_REQUEST, "bad_request", "need ?from=N&to=M with decimal sizes");
     };
@@ -86,10 +94,13 @@ async fn consistency(State(api): State<Api>, range: Result<Query<Range>, axum::e
 }
 
 async fn healthz(State(api): State<Api>) -> Response {
-    match blocking(move || api.proofs.latest_checkpoint()).await {
+    let proofs = api.proofs.clone();
+    match blocking(move || proofs.latest_checkpoint()).await {
         Ok(Ok(latest)) => Json(json!({
             "status": "ok",
             "log_size": latest.map_or(0, |(size, _)| size),
+            "queue_depth": api.metrics.queue_depth.load(std::sync::atomic::Ordering::Relaxed).max(0),
+            "gap_messages": api.metrics.gap_messages_total.load(std::sync::atomic::Ordering::Relaxed),
         }))
         .into_response(),
         Ok(Err(e)) => internal(e),

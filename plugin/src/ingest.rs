@@ -105,11 +105,8 @@ pub(crate) fn run(
     metrics: Arc<Metrics>,
 ) {
     let mut group: Vec<IngestItem> = Vec::with_capacity(MAX_GROUP);
-    loop {
-        match rx.recv() {
-            Ok(item) => group.push(item),
-            Err(_) => break,
-        }
+    while let Ok(first) = rx.recv() {
+        group.push(first);
         while group.len() < MAX_GROUP {
             match rx.try_recv() {
                 Ok(item) => group.push(item),
@@ -124,7 +121,10 @@ pub(crate) fn run(
                     let leaf = LeafRecord::broker_received(next_seq, m.received_at_ms, &m.topic, &m.payload);
                     let Ok(record) = leaf.encode() else {
                         // MQTT topics are at most 65,535 bytes, so this cannot happen.
-                        tracing::error!(topic_len = m.topic.len(), "topic too long to encode; message rejected");
+                        tracing::error!(
+                            topic_len = m.topic.len(),
+                            "topic too long to encode; message rejected"
+                        );
                         continue;
                     };
                     leaves.push(StoredLeaf { seq: next_seq, digest: leaf.payload_digest, record });
@@ -140,10 +140,8 @@ pub(crate) fn run(
         persist(&mut store, &leaves);
         metrics.queue_depth.fetch_sub(taken, Relaxed);
         Metrics::add(&metrics.messages_notarized_total, leaves.len() as u64);
-        let hashes = leaves
-            .iter()
-            .map(|l| (l.seq, notary_proof::hash::leaf_hash(&l.record)))
-            .collect::<Vec<_>>();
+        let hashes =
+            leaves.iter().map(|l| (l.seq, notary_proof::hash::leaf_hash(&l.record))).collect::<Vec<_>>();
         if !hashes.is_empty() && sealer.send(SealerMsg::Leaves(hashes)).is_err() {
             tracing::error!("sealer is gone; persisted leaves will be sealed at next start");
         }

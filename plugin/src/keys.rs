@@ -31,10 +31,8 @@ pub fn load_or_create(data_dir: &Path, origin: Option<&str>) -> Result<NoteSigne
     };
     let signer = if key_path.exists() {
         let text = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
-        let signer = NoteSigner::from_key_string(&text).map_err(|e| KeyError::Invalid {
-            path: key_path.display().to_string(),
-            why: e.to_string(),
-        })?;
+        let signer = NoteSigner::from_key_string(&text)
+            .map_err(|e| KeyError::Invalid { path: key_path.display().to_string(), why: e.to_string() })?;
         if let Some(o) = origin.filter(|o| *o != signer.name()) {
             return Err(KeyError::OriginMismatch { configured: o.into(), existing: signer.name().into() });
         }
@@ -49,10 +47,8 @@ pub fn load_or_create(data_dir: &Path, origin: Option<&str>) -> Result<NoteSigne
                 format!("mqtt-notary/{}", hex::encode(&public.as_bytes()[..8]))
             }
         };
-        let signer = NoteSigner::new(&name, seed).map_err(|e| KeyError::Invalid {
-            path: key_path.display().to_string(),
-            why: e.to_string(),
-        })?;
+        let signer = NoteSigner::new(&name, seed)
+            .map_err(|e| KeyError::Invalid { path: key_path.display().to_string(), why: e.to_string() })?;
         write_private(&key_path, &signer.to_key_string()).map_err(io(&key_path))?;
         signer
     };

@@ -108,14 +108,19 @@ impl Pipeline {
         let (seal_tx, seal_rx): (SyncSender<_>, _) = sync_channel(64);
 
         let mut threads = Vec::new();
-        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| std::thread::Builder::new().name(name.into()).spawn(f);
+        let spawn =
+            |name: &str, f: Box<dyn FnOnce() + Send>| std::thread::Builder::new().name(name.into()).spawn(f);
         threads.push(spawn("notary-sealer", Box::new(move || sealer.run(seal_rx, recovered)))?);
         let m = metrics.clone();
-        threads.push(spawn("notary-ingest", Box::new(move || ingest::run(ingest_rx, ingest_store, next_seq, seal_tx, m)))?);
+        threads.push(spawn(
+            "notary-ingest",
+            Box::new(move || ingest::run(ingest_rx, ingest_store, next_seq, seal_tx, m)),
+        )?);
         let proof_rx = Arc::new(Mutex::new(proof_rx));
         for i in 0..PROOF_WORKERS {
             let (rx, p, o, m) = (proof_rx.clone(), proofs.clone(), outbox.clone(), metrics.clone());
-            threads.push(spawn(&format!("notary-proofs-{i}"), Box::new(move || mqtt_api::serve(rx, p, o, m)))?);
+            threads
+                .push(spawn(&format!("notary-proofs-{i}"), Box::new(move || mqtt_api::serve(rx, p, o, m)))?);
         }
         Ok(Pipeline { proofs, metrics, intake, threads })
     }

@@ -53,7 +53,11 @@ fn error(id: &Value, code: &str, message: impl Into<String>) -> Value {
 pub fn answer(payload: &[u8], proofs: &ProofService) -> (String, Value) {
     let to_errors = |v| (ERROR_TOPIC.to_owned(), v);
     if payload.len() > MAX_REQUEST_BYTES {
-        return to_errors(error(&Value::Null, "bad_request", format!("request larger than {MAX_REQUEST_BYTES} bytes")));
+        return to_errors(error(
+            &Value::Null,
+            "bad_request",
+            format!("request larger than {MAX_REQUEST_BYTES} bytes"),
+        ));
     }
     let Ok(Value::Object(req)) = serde_json::from_slice::<Value>(payload) else {
         return to_errors(error(&Value::Null, "bad_request", "request is not a JSON object"));

@@ -87,9 +87,10 @@ impl ProofService {
             .iter()
             .map(|l| notary_proof::hash::leaf_hash(&l.record))
             .collect();
-        let tree = BatchTree::new(&hashes)
-            .filter(|t| t.size() == batch.size && t.root() == batch.root)
-            .ok_or_else(|| StoreError::Corrupt(format!("batch {} does not match its leaves", batch.number)))?;
+        let tree =
+            BatchTree::new(&hashes).filter(|t| t.size() == batch.size && t.root() == batch.root).ok_or_else(
+                || StoreError::Corrupt(format!("batch {} does not match its leaves", batch.number)),
+            )?;
         let tree = Arc::new(tree);
         if cache.len() >= TREE_CACHE {
             cache.pop_front();
@@ -108,9 +109,7 @@ impl ProofService {
         let store = self.store()?;
         let size = store.log_size()?;
         if from == 0 || from > to || to > size {
-            return Err(ProofError::BadRange(format!(
-                "need 1 <= from <= to <= {size} (the log size)"
-            )));
+            return Err(ProofError::BadRange(format!("need 1 <= from <= to <= {size} (the log size)")));
         }
         let note = |s| -> Result<String, ProofError> {
             store.checkpoint(s)?.ok_or_else(|| StoreError::Corrupt(format!("no checkpoint {s}")).into())

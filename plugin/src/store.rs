@@ -92,7 +92,8 @@ impl Store {
     pub fn append_leaves(&mut self, leaves: &[StoredLeaf]) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         {
-            let mut stmt = tx.prepare_cached("INSERT INTO leaves (seq, digest, record) VALUES (?1, ?2, ?3)")?;
+            let mut stmt =
+                tx.prepare_cached("INSERT INTO leaves (seq, digest, record) VALUES (?1, ?2, ?3)")?;
             for l in leaves {
                 stmt.execute(params![l.seq, &l.digest[..], &l.record])?;
             }
@@ -128,9 +129,9 @@ impl Store {
     /// Leaves with `from <= seq < to`, in order.
     pub fn leaves_in(&self, from: u64, to: u64) -> Result<Vec<StoredLeaf>, StoreError> {
         let to = i64::try_from(to).unwrap_or(i64::MAX);
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT seq, digest, record FROM leaves WHERE seq >= ?1 AND seq < ?2 ORDER BY seq")?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, digest, record FROM leaves WHERE seq >= ?1 AND seq < ?2 ORDER BY seq",
+        )?;
         let rows = stmt.query_map(params![from, to], |r| {
             Ok((r.get::<_, u64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, Vec<u8>>(2)?))
         })?;
@@ -154,7 +155,8 @@ impl Store {
             params![batch.number, batch.first_seq, batch.size, batch.encode()],
         )?;
         {
-            let mut stmt = tx.prepare_cached("INSERT INTO log_nodes (level, idx, hash) VALUES (?1, ?2, ?3)")?;
+            let mut stmt =
+                tx.prepare_cached("INSERT INTO log_nodes (level, idx, hash) VALUES (?1, ?2, ?3)")?;
             for (level, idx, hash) in nodes {
                 stmt.execute(params![level, idx, &hash[..]])?;
             }
@@ -188,9 +190,8 @@ impl Store {
     }
 
     pub fn leaves_by_digest(&self, digest: &[u8; 32]) -> Result<Vec<StoredLeaf>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT seq, record FROM leaves WHERE digest = ?1 ORDER BY seq")?;
+        let mut stmt =
+            self.conn.prepare_cached("SELECT seq, record FROM leaves WHERE digest = ?1 ORDER BY seq")?;
         let rows = stmt.query_map([&digest[..]], |r| Ok((r.get::<_, u64>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
         rows.map(|row| {
             let (seq, record) = row?;
@@ -203,7 +204,9 @@ impl Store {
     pub fn batch_of(&self, seq: u64) -> Result<Option<BatchRecord>, StoreError> {
         let rec: Option<Vec<u8>> = self
             .conn
-            .prepare_cached("SELECT record FROM batches WHERE first_seq <= ?1 ORDER BY first_seq DESC LIMIT 1")?
+            .prepare_cached(
+                "SELECT record FROM batches WHERE first_seq <= ?1 ORDER BY first_seq DESC LIMIT 1",
+            )?
             .query_row([seq], |r| r.get(0))
             .optional()?;
         match rec {
@@ -234,9 +237,8 @@ impl Store {
     }
 
     pub fn receipts(&self, size: u64) -> Result<Vec<Receipt>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT receipt FROM receipts WHERE size = ?1 ORDER BY ledger")?;
+        let mut stmt =
+            self.conn.prepare_cached("SELECT receipt FROM receipts WHERE size = ?1 ORDER BY ledger")?;
         let rows = stmt.query_map([size], |r| r.get::<_, String>(0))?;
         rows.map(|json| {
             serde_json::from_str(&json?).map_err(|e| StoreError::Corrupt(format!("receipt: {e}")))

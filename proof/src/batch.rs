@@ -79,9 +79,7 @@ impl BatchTree {
         if leaf_hashes.is_empty() {
             return None;
         }
-        Some(BatchTree {
-            tree: MerkleTree::from_leaves(leaf_hashes),
-        })
+        Some(BatchTree { tree: MerkleTree::from_leaves(leaf_hashes) })
     }
 
     pub fn size(&self) -> u64 {
@@ -127,20 +125,15 @@ mod tests {
             return vec![];
         }
         let k = k_of(d.len());
-        let (mut p, sib) = if m < k {
-            (path(m, &d[..k]), mth(&d[k..]))
-        } else {
-            (path(m - k, &d[k..]), mth(&d[..k]))
-        };
+        let (mut p, sib) =
+            if m < k { (path(m, &d[..k]), mth(&d[k..])) } else { (path(m - k, &d[k..]), mth(&d[..k])) };
         p.push(sib);
         p
     }
 
     #[test]
     fn rs_merkle_batch_trees_equal_rfc9162_for_sizes_1_to_300() {
-        let all: Vec<Hash> = (0u32..300)
-            .map(|i| crate::hash::leaf_hash(&i.to_be_bytes()))
-            .collect();
+        let all: Vec<Hash> = (0u32..300).map(|i| crate::hash::leaf_hash(&i.to_be_bytes())).collect();
         for n in 1..=300usize {
             let d = &all[..n];
             let tree = BatchTree::new(d).expect("non-empty");

@@ -45,10 +45,8 @@ impl Checkpoint {
     /// Parses a checkpoint body. Extension lines after the root are allowed
     /// by the C2SP spec and ignored here.
     pub fn parse_body(body: &str) -> Result<Self, NoteError> {
-        let mut lines = body
-            .strip_suffix('\n')
-            .ok_or(NoteError::Malformed("body must end with a newline"))?
-            .split('\n');
+        let mut lines =
+            body.strip_suffix('\n').ok_or(NoteError::Malformed("body must end with a newline"))?.split('\n');
         let origin = lines.next().unwrap_or_default();
         if origin.is_empty() {
             return Err(NoteError::Malformed("empty origin"));
@@ -60,9 +58,7 @@ impl Checkpoint {
         {
             return Err(NoteError::Malformed("tree size is not a canonical decimal"));
         }
-        let size = size_line
-            .parse()
-            .map_err(|_| NoteError::Malformed("tree size out of range"))?;
+        let size = size_line.parse().map_err(|_| NoteError::Malformed("tree size out of range"))?;
         let root_line = lines.next().ok_or(NoteError::Malformed("missing root hash"))?;
         let root: Hash = B64
             .decode(root_line)
@@ -72,11 +68,7 @@ impl Checkpoint {
         if lines.any(|l| l.is_empty()) {
             return Err(NoteError::Malformed("empty extension line"));
         }
-        Ok(Checkpoint {
-            origin: origin.to_owned(),
-            size,
-            root,
-        })
+        Ok(Checkpoint { origin: origin.to_owned(), size, root })
     }
 }
 
@@ -120,9 +112,8 @@ impl NoteSigner {
             .strip_prefix("PRIVATE+KEY+")
             .ok_or(NoteError::Malformed("signer key must start with PRIVATE+KEY+"))?;
         let (name, id, key) = split_key(rest)?;
-        let seed: [u8; 32] = key
-            .try_into()
-            .map_err(|_| NoteError::Malformed("signer key is not an Ed25519 seed"))?;
+        let seed: [u8; 32] =
+            key.try_into().map_err(|_| NoteError::Malformed("signer key is not an Ed25519 seed"))?;
         let signer = NoteSigner::new(name, seed)?;
         if signer.id != id {
             return Err(NoteError::Malformed("signer key id does not match its key"));
@@ -143,11 +134,7 @@ impl NoteSigner {
     }
 
     pub fn verifier(&self) -> NoteVerifier {
-        NoteVerifier {
-            name: self.name.clone(),
-            key: self.key.verifying_key(),
-            id: self.id,
-        }
+        NoteVerifier { name: self.name.clone(), key: self.key.verifying_key(), id: self.id }
     }
 
     /// Signs a note body (which must end with a newline) and returns the
@@ -183,9 +170,7 @@ fn split_key(s: &str) -> Result<(&str, [u8; 4], Vec<u8>), NoteError> {
         .filter(|_| id_hex.len() == 8)
         .and_then(|b| b.try_into().ok())
         .ok_or(NoteError::Malformed("key id must be 8 hex digits"))?;
-    let key = B64
-        .decode(key_b64)
-        .map_err(|_| NoteError::Malformed("key is not base64"))?;
+    let key = B64.decode(key_b64).map_err(|_| NoteError::Malformed("key is not base64"))?;
     match key.split_first() {
         Some((&ALG_ED25519, rest)) => Ok((name, id, rest.to_vec())),
         _ => Err(NoteError::Malformed("key algorithm is not Ed25519")),
@@ -196,9 +181,8 @@ impl NoteVerifier {
     /// Parses `<name>+<id>+<base64(0x01 || public key)>`.
     pub fn from_key_string(s: &str) -> Result<Self, NoteError> {
         let (name, id, key) = split_key(s.trim())?;
-        let key: [u8; 32] = key
-            .try_into()
-            .map_err(|_| NoteError::Malformed("verifier key is not 32 bytes"))?;
+        let key: [u8; 32] =
+            key.try_into().map_err(|_| NoteError::Malformed("verifier key is not 32 bytes"))?;
         let key = VerifyingKey::from_bytes(&key)
             .map_err(|_| NoteError::Malformed("verifier key is not a valid Ed25519 point"))?;
         if key_id(name, &key) != id {
@@ -221,14 +205,11 @@ impl NoteVerifier {
     /// Signatures by other keys are ignored; if none is by this key, the
     /// note fails with `UnknownKey`.
     pub fn verify<'a>(&self, note: &'a str) -> Result<&'a str, NoteError> {
-        let split = note
-            .rfind("\n\n")
-            .ok_or(NoteError::Malformed("no blank line before the signatures"))?;
+        let split = note.rfind("\n\n").ok_or(NoteError::Malformed("no blank line before the signatures"))?;
         let body = &note[..split + 1];
         let sigs = &note[split + 2..];
-        let sigs = sigs
-            .strip_suffix('\n')
-            .ok_or(NoteError::Malformed("signature block must end with a newline"))?;
+        let sigs =
+            sigs.strip_suffix('\n').ok_or(NoteError::Malformed("signature block must end with a newline"))?;
         let mut found = false;
         for line in sigs.split('\n') {
             let rest = line
@@ -237,17 +218,13 @@ impl NoteVerifier {
             let (name, b64) = rest
                 .split_once(' ')
                 .ok_or(NoteError::Malformed("signature line must be name and signature"))?;
-            let blob = B64
-                .decode(b64)
-                .map_err(|_| NoteError::Malformed("signature is not base64"))?;
+            let blob = B64.decode(b64).map_err(|_| NoteError::Malformed("signature is not base64"))?;
             if name != self.name || blob.len() < 4 || blob[..4] != self.id {
                 continue;
             }
             found = true;
             let sig = Signature::from_slice(&blob[4..]).map_err(|_| NoteError::BadSignature)?;
-            self.key
-                .verify_strict(body.as_bytes(), &sig)
-                .map_err(|_| NoteError::BadSignature)?;
+            self.key.verify_strict(body.as_bytes(), &sig).map_err(|_| NoteError::BadSignature)?;
         }
         if found {
             Ok(body)

@@ -82,8 +82,7 @@ impl LeafRecord {
     /// than 65,535 bytes, which MQTT cannot carry.
     pub fn encode(&self) -> Result<Vec<u8>, FormatError> {
         let topic_len = u16::try_from(self.topic.len()).map_err(|_| FormatError("topic too long"))?;
-        let ext_len =
-            u16::try_from(self.extension.len()).map_err(|_| FormatError("extension too long"))?;
+        let ext_len = u16::try_from(self.extension.len()).map_err(|_| FormatError("extension too long"))?;
         let mut out = Vec::with_capacity(62 + self.topic.len() + self.extension.len());
         out.push(LEAF_VERSION);
         out.push(self.assurance.code());
@@ -105,8 +104,7 @@ impl LeafRecord {
         if r.u8()? != LEAF_VERSION {
             return Err(FormatError("unsupported leaf version"));
         }
-        let assurance =
-            Assurance::from_code(r.u8()?).ok_or(FormatError("unknown assurance level"))?;
+        let assurance = Assurance::from_code(r.u8()?).ok_or(FormatError("unknown assurance level"))?;
         let seq = r.u64()?;
         let received_at_ms = r.u64()?;
         let payload_len = r.u64()?;
@@ -132,15 +130,7 @@ impl LeafRecord {
             }
             _ => {}
         }
-        Ok(LeafRecord {
-            assurance,
-            seq,
-            received_at_ms,
-            payload_len,
-            payload_digest,
-            topic,
-            extension,
-        })
+        Ok(LeafRecord { assurance, seq, received_at_ms, payload_len, payload_digest, topic, extension })
     }
 
     /// The RFC 9162 leaf hash of this record's encoding.

@@ -22,7 +22,7 @@ pub use checkpoint::{Checkpoint, NoteError, NoteSigner, NoteVerifier};
 pub use hash::Hash;
 pub use leaf::{Assurance, LeafRecord};
 pub use receipt::{LocalEntry, Receipt};
-pub use verify::{verify_bundle, verify_bundle_json, Tree, VerifyError, Verified};
+pub use verify::{verify_bundle, verify_bundle_json, Tree, Verified, VerifyError};
 
 /// A byte string that is not in the canonical encoding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -121,8 +121,7 @@ pub(crate) mod hex32 {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
         let s = String::deserialize(d)?;
         let mut out = [0u8; 32];
-        hex::decode_to_slice(&s, &mut out)
-            .map_err(|_| serde::de::Error::custom("expected 64 hex digits"))?;
+        hex::decode_to_slice(&s, &mut out).map_err(|_| serde::de::Error::custom("expected 64 hex digits"))?;
         Ok(out)
     }
 }

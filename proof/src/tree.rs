@@ -42,11 +42,7 @@ pub fn root<S: NodeSource>(src: &mut S, size: u64) -> Result<Hash, S::Error> {
 }
 
 /// RFC 9162 PATH(index, D[size]), ordered leaf to root. Requires index < size.
-pub fn inclusion_proof<S: NodeSource>(
-    src: &mut S,
-    index: u64,
-    size: u64,
-) -> Result<Vec<Hash>, S::Error> {
+pub fn inclusion_proof<S: NodeSource>(src: &mut S, index: u64, size: u64) -> Result<Vec<Hash>, S::Error> {
     let mut path = Vec::new();
     path_rec(src, index, 0, size, &mut path)?;
     Ok(path)
@@ -208,11 +204,7 @@ pub fn verify_consistency(
         if !proof.is_empty() {
             return Err(ProofError::BadShape);
         }
-        return if hash_eq(old_root, new_root) {
-            Ok(())
-        } else {
-            Err(ProofError::RootMismatch)
-        };
+        return if hash_eq(old_root, new_root) { Ok(()) } else { Err(ProofError::RootMismatch) };
     }
     if old_size == 0 {
         // Every tree extends the empty tree; nothing to prove.
@@ -279,11 +271,7 @@ impl MemoryTree {
         let index = self.size();
         let levels = &self.levels;
         let nodes = perfect_nodes_after_append::<()>(index, leaf, |level, idx| {
-            levels
-                .get(level as usize)
-                .and_then(|l| l.get(idx as usize))
-                .copied()
-                .ok_or(())
+            levels.get(level as usize).and_then(|l| l.get(idx as usize)).copied().ok_or(())
         })
         .unwrap_or_default();
         for (level, _, hash) in nodes {
@@ -302,11 +290,7 @@ pub struct MissingNode;
 impl NodeSource for MemoryTree {
     type Error = MissingNode;
     fn node(&mut self, level: u32, index: u64) -> Result<Hash, MissingNode> {
-        self.levels
-            .get(level as usize)
-            .and_then(|l| l.get(index as usize))
-            .copied()
-            .ok_or(MissingNode)
+        self.levels.get(level as usize).and_then(|l| l.get(index as usize)).copied().ok_or(MissingNode)
     }
 }
 

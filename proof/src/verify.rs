@@ -118,18 +118,14 @@ pub fn verify_bundle(
         })?;
     }
 
-    let path_err = |tree| move |e| match e {
-        ProofError::BadShape => VerifyError::BadPath(tree),
-        ProofError::RootMismatch => VerifyError::RootMismatch(tree),
+    let path_err = |tree| {
+        move |e| match e {
+            ProofError::BadShape => VerifyError::BadPath(tree),
+            ProofError::RootMismatch => VerifyError::RootMismatch(tree),
+        }
     };
-    verify_inclusion(
-        batch.number,
-        checkpoint.size,
-        &batch.leaf_hash(),
-        &bundle.log_path,
-        &checkpoint.root,
-    )
-    .map_err(path_err(Tree::Log))?;
+    verify_inclusion(batch.number, checkpoint.size, &batch.leaf_hash(), &bundle.log_path, &checkpoint.root)
+        .map_err(path_err(Tree::Log))?;
 
     if bundle.leaf_index >= batch.size || leaf.seq != batch.first_seq + bundle.leaf_index {
         return Err(VerifyError::BadPath(Tree::Batch));

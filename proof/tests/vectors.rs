@@ -45,7 +45,9 @@ fn build() -> Vec<(String, Vec<u8>, ProofBundle)> {
     for (number, &size) in sizes.iter().enumerate() {
         let number = number as u64;
         let leaves: Vec<LeafRecord> = (seq..seq + size)
-            .map(|s| LeafRecord::broker_received(s, T0 + s * 10, &format!("plant/line{}/temp", s % 3), &payload(s)))
+            .map(|s| {
+                LeafRecord::broker_received(s, T0 + s * 10, &format!("plant/line{}/temp", s % 3), &payload(s))
+            })
             .collect();
         let hashes: Vec<_> = leaves.iter().map(|l| l.leaf_hash().expect("encodes")).collect();
         let tree = BatchTree::new(&hashes).expect("non-empty");
@@ -58,7 +60,8 @@ fn build() -> Vec<(String, Vec<u8>, ProofBundle)> {
         };
         log.append(batch.leaf_hash());
         let cp_size = number + 1;
-        let cp = Checkpoint { origin: ORIGIN.into(), size: cp_size, root: root(&mut log, cp_size).expect("root") };
+        let cp =
+            Checkpoint { origin: ORIGIN.into(), size: cp_size, root: root(&mut log, cp_size).expect("root") };
         let note = signer.sign(&cp.body());
         let entry = LocalEntry {
             index: number,
@@ -121,17 +124,16 @@ fn generate() -> Value {
     let valid = build();
     let mut cases: Vec<Value> = valid.iter().map(|(n, p, b)| case(n, "valid", p, to_json(b))).collect();
     // Mutations of a leaf in the middle of a 16-leaf batch, at log size 4.
-    let (_, payload, base) = valid
-        .iter()
-        .find(|(n, _, _)| n == "valid-batch3-leaf8")
-        .expect("case exists")
-        .clone();
+    let (_, payload, base) =
+        valid.iter().find(|(n, _, _)| n == "valid-batch3-leaf8").expect("case exists").clone();
     let m = |f: &dyn Fn(&mut ProofBundle)| {
         let mut b = base.clone();
         f(&mut b);
         to_json(&b)
     };
-    let mut add = |name: &str, expect: &str, payload: &[u8], json: String| cases.push(case(name, expect, payload, json));
+    let mut add = |name: &str, expect: &str, payload: &[u8], json: String| {
+        cases.push(case(name, expect, payload, json))
+    };
 
     let mut p = payload.clone();
     flip_bit(&mut p, 3, 0);
@@ -148,21 +150,36 @@ fn generate() -> Value {
     add("leaf-assurance-device-signed", "malformed", &payload, m(&|b| b.leaf[1] = 2));
     add("leaf-seq-bit-@9.1", "bad-path", &payload, m(&|b| flip_bit(&mut b.leaf, 9, 1)));
     add("leaf-version-2", "malformed", &payload, m(&|b| b.leaf[0] = 2));
-    add("leaf-truncated", "malformed", &payload, m(&|b| {
-        b.leaf.pop();
-    }));
+    add(
+        "leaf-truncated",
+        "malformed",
+        &payload,
+        m(&|b| {
+            b.leaf.pop();
+        }),
+    );
     add("leaf-trailing-byte", "malformed", &payload, m(&|b| b.leaf.push(0)));
     add("leaf-index-plus-1", "bad-path", &payload, m(&|b| b.leaf_index += 1));
 
     add("batch-path[0]-bit-@3.3", "root-mismatch", &payload, m(&|b| flip_bit(&mut b.batch_path[0], 3, 3)));
     add("batch-path[3]-bit-@31.7", "root-mismatch", &payload, m(&|b| flip_bit(&mut b.batch_path[3], 31, 7)));
-    add("batch-path-extra-hash", "bad-path", &payload, m(&|b| {
-        let h = b.batch_path[0];
-        b.batch_path.push(h);
-    }));
-    add("batch-path-missing-hash", "bad-path", &payload, m(&|b| {
-        b.batch_path.pop();
-    }));
+    add(
+        "batch-path-extra-hash",
+        "bad-path",
+        &payload,
+        m(&|b| {
+            let h = b.batch_path[0];
+            b.batch_path.push(h);
+        }),
+    );
+    add(
+        "batch-path-missing-hash",
+        "bad-path",
+        &payload,
+        m(&|b| {
+            b.batch_path.pop();
+        }),
+    );
     add("batch-path-swapped", "root-mismatch", &payload, m(&|b| b.batch_path.swap(0, 1)));
 
     // Batch record: bytes 1..9 number, 9..17 first seq, 17..25 size, 25..57 root.
@@ -170,79 +187,164 @@ fn generate() -> Value {
     add("batch-size-bit-@24.0", "root-mismatch", &payload, m(&|b| flip_bit(&mut b.batch, 24, 0)));
     add("batch-number-bit-@8.0", "root-mismatch", &payload, m(&|b| flip_bit(&mut b.batch, 8, 0)));
     add("batch-sealed-at-bit-@64.0", "root-mismatch", &payload, m(&|b| flip_bit(&mut b.batch, 64, 0)));
-    add("batch-truncated", "malformed", &payload, m(&|b| {
-        b.batch.pop();
-    }));
+    add(
+        "batch-truncated",
+        "malformed",
+        &payload,
+        m(&|b| {
+            b.batch.pop();
+        }),
+    );
 
     add("log-path[0]-bit-@0.0", "root-mismatch", &payload, m(&|b| flip_bit(&mut b.log_path[0], 0, 0)));
-    add("log-path-extra-hash", "bad-path", &payload, m(&|b| {
-        let h = b.log_path[0];
-        b.log_path.push(h);
-    }));
+    add(
+        "log-path-extra-hash",
+        "bad-path",
+        &payload,
+        m(&|b| {
+            let h = b.log_path[0];
+            b.log_path.push(h);
+        }),
+    );
     add("log-path-empty", "bad-path", &payload, m(&|b| b.log_path.clear()));
 
-    add("checkpoint-signature-byte-changed", "bad-checkpoint-signature", &payload, m(&|b| {
-        let mut note = b.checkpoint.clone().into_bytes();
-        let at = note.len() - 10; // inside the base64 signature
-        note[at] = if note[at] == b'A' { b'B' } else { b'A' };
-        b.checkpoint = String::from_utf8(note).expect("ascii edit");
-    }));
-    add("checkpoint-root-bit-@0.0", "bad-checkpoint-signature", &payload, m(&|b| {
-        let root_line = b.checkpoint.split('\n').nth(2).expect("root line").to_owned();
-        let mut root = B64.decode(&root_line).expect("root");
-        root[0] ^= 1;
-        b.checkpoint = b.checkpoint.replacen(&root_line, &B64.encode(root), 1);
-    }));
-    add("checkpoint-size-plus-1", "bad-checkpoint-signature", &payload, m(&|b| {
-        b.checkpoint = b.checkpoint.replacen(&format!("{ORIGIN}\n4\n"), &format!("{ORIGIN}\n5\n"), 1);
-    }));
-    add("checkpoint-signed-by-other-key", "unknown-key", &payload, m(&|b| {
-        let other = NoteSigner::new(ORIGIN, [0x43; 32]).expect("valid");
-        b.checkpoint = other.sign(body_of(&b.checkpoint));
-    }));
-    add("checkpoint-signature-stripped", "malformed", &payload, m(&|b| {
-        b.checkpoint = body_of(&b.checkpoint).to_owned();
-    }));
+    add(
+        "checkpoint-signature-byte-changed",
+        "bad-checkpoint-signature",
+        &payload,
+        m(&|b| {
+            let mut note = b.checkpoint.clone().into_bytes();
+            let at = note.len() - 10; // inside the base64 signature
+            note[at] = if note[at] == b'A' { b'B' } else { b'A' };
+            b.checkpoint = String::from_utf8(note).expect("ascii edit");
+        }),
+    );
+    add(
+        "checkpoint-root-bit-@0.0",
+        "bad-checkpoint-signature",
+        &payload,
+        m(&|b| {
+            let root_line = b.checkpoint.split('\n').nth(2).expect("root line").to_owned();
+            let mut root = B64.decode(&root_line).expect("root");
+            root[0] ^= 1;
+            b.checkpoint = b.checkpoint.replacen(&root_line, &B64.encode(root), 1);
+        }),
+    );
+    add(
+        "checkpoint-size-plus-1",
+        "bad-checkpoint-signature",
+        &payload,
+        m(&|b| {
+            b.checkpoint = b.checkpoint.replacen(&format!("{ORIGIN}\n4\n"), &format!("{ORIGIN}\n5\n"), 1);
+        }),
+    );
+    add(
+        "checkpoint-signed-by-other-key",
+        "unknown-key",
+        &payload,
+        m(&|b| {
+            let other = NoteSigner::new(ORIGIN, [0x43; 32]).expect("valid");
+            b.checkpoint = other.sign(body_of(&b.checkpoint));
+        }),
+    );
+    add(
+        "checkpoint-signature-stripped",
+        "malformed",
+        &payload,
+        m(&|b| {
+            b.checkpoint = body_of(&b.checkpoint).to_owned();
+        }),
+    );
 
-    add("receipt-checkpoint-hash-bit-@5.4", "receipt-mismatch", &payload, m(&|b| {
-        let Receipt::Local { checkpoint_hash, .. } = &mut b.receipts[0];
-        flip_bit(checkpoint_hash, 5, 4);
-    }));
-    add("receipt-entry-hash-bit-@0.0", "receipt-mismatch", &payload, m(&|b| {
-        let Receipt::Local { entry_hash, .. } = &mut b.receipts[0];
-        flip_bit(entry_hash, 0, 0);
-    }));
-    add("receipt-prev-hash-bit-@31.0", "receipt-mismatch", &payload, m(&|b| {
-        let Receipt::Local { prev_hash, .. } = &mut b.receipts[0];
-        flip_bit(prev_hash, 31, 0);
-    }));
-    add("receipt-index-plus-1", "receipt-mismatch", &payload, m(&|b| {
-        let Receipt::Local { index, .. } = &mut b.receipts[0];
-        *index += 1;
-    }));
-    add("receipt-anchored-at-plus-1", "receipt-mismatch", &payload, m(&|b| {
-        let Receipt::Local { anchored_at_ms, .. } = &mut b.receipts[0];
-        *anchored_at_ms += 1;
-    }));
+    add(
+        "receipt-checkpoint-hash-bit-@5.4",
+        "receipt-mismatch",
+        &payload,
+        m(&|b| {
+            let Receipt::Local { checkpoint_hash, .. } = &mut b.receipts[0];
+            flip_bit(checkpoint_hash, 5, 4);
+        }),
+    );
+    add(
+        "receipt-entry-hash-bit-@0.0",
+        "receipt-mismatch",
+        &payload,
+        m(&|b| {
+            let Receipt::Local { entry_hash, .. } = &mut b.receipts[0];
+            flip_bit(entry_hash, 0, 0);
+        }),
+    );
+    add(
+        "receipt-prev-hash-bit-@31.0",
+        "receipt-mismatch",
+        &payload,
+        m(&|b| {
+            let Receipt::Local { prev_hash, .. } = &mut b.receipts[0];
+            flip_bit(prev_hash, 31, 0);
+        }),
+    );
+    add(
+        "receipt-index-plus-1",
+        "receipt-mismatch",
+        &payload,
+        m(&|b| {
+            let Receipt::Local { index, .. } = &mut b.receipts[0];
+            *index += 1;
+        }),
+    );
+    add(
+        "receipt-anchored-at-plus-1",
+        "receipt-mismatch",
+        &payload,
+        m(&|b| {
+            let Receipt::Local { anchored_at_ms, .. } = &mut b.receipts[0];
+            *anchored_at_ms += 1;
+        }),
+    );
     add("receipts-empty", "receipt-mismatch", &payload, m(&|b| b.receipts.clear()));
 
     add("format-v2", "malformed", &payload, m(&|b| b.format = "mqtt-notary/bundle/v2".into()));
     add("trailing-garbage", "malformed", &payload, to_json(&base) + "x");
-    add("unknown-field", "malformed", &payload, edit(&base, |o| {
-        o.insert("extra".into(), json!(1));
-    }));
-    add("missing-field-log-path", "malformed", &payload, edit(&base, |o| {
-        o.remove("log_path");
-    }));
-    add("unknown-receipt-type", "malformed", &payload, edit(&base, |o| {
-        o.insert("receipts".into(), json!([{"type": "carrier-pigeon"}]));
-    }));
-    add("hash-not-base64", "malformed", &payload, edit(&base, |o| {
-        o.insert("batch_path".into(), json!(["%%%"]));
-    }));
-    add("hash-31-bytes", "malformed", &payload, edit(&base, |o| {
-        o.insert("batch_path".into(), json!([B64.encode([0u8; 31])]));
-    }));
+    add(
+        "unknown-field",
+        "malformed",
+        &payload,
+        edit(&base, |o| {
+            o.insert("extra".into(), json!(1));
+        }),
+    );
+    add(
+        "missing-field-log-path",
+        "malformed",
+        &payload,
+        edit(&base, |o| {
+            o.remove("log_path");
+        }),
+    );
+    add(
+        "unknown-receipt-type",
+        "malformed",
+        &payload,
+        edit(&base, |o| {
+            o.insert("receipts".into(), json!([{"type": "carrier-pigeon"}]));
+        }),
+    );
+    add(
+        "hash-not-base64",
+        "malformed",
+        &payload,
+        edit(&base, |o| {
+            o.insert("batch_path".into(), json!(["%%%"]));
+        }),
+    );
+    add(
+        "hash-31-bytes",
+        "malformed",
+        &payload,
+        edit(&base, |o| {
+            o.insert("batch_path".into(), json!([B64.encode([0u8; 31])]));
+        }),
+    );
     add("not-json", "malformed", &payload, "proof please".into());
 
     json!({
@@ -273,10 +375,11 @@ fn every_vector_verifies_as_expected() {
     for c in cases {
         let name = c["name"].as_str().expect("name");
         let payload = hex::decode(c["payload_hex"].as_str().expect("payload")).expect("hex");
-        let got = match verify_bundle_json(c["bundle_json"].as_str().expect("bundle").as_bytes(), &payload, &key) {
-            Ok(_) => "valid",
-            Err(e) => e.code(),
-        };
+        let got =
+            match verify_bundle_json(c["bundle_json"].as_str().expect("bundle").as_bytes(), &payload, &key) {
+                Ok(_) => "valid",
+                Err(e) => e.code(),
+            };
         assert_eq!(got, c["expect"].as_str().expect("expect"), "case {name}");
     }
 }

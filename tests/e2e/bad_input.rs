@@ -20,15 +20,31 @@ fn malformed_proof_requests_get_error_answers() {
     let sub = Subscriber::start(notary.mqtt, &["notary/proof/response/bad", "notary/proof/errors"], &[]);
     let reply = "notary/proof/response/bad";
     let unknown = "ab".repeat(32);
-    let huge = format!("{{\"id\":\"huge\",\"digest\":\"{}\",\"reply_to\":\"{reply}\",\"pad\":\"{}\"}}", unknown, "x".repeat(100_000));
+    let huge = format!(
+        "{{\"id\":\"huge\",\"digest\":\"{}\",\"reply_to\":\"{reply}\",\"pad\":\"{}\"}}",
+        unknown,
+        "x".repeat(100_000)
+    );
     let requests: Vec<(String, &str, &str)> = vec![
         ("this is not JSON".into(), "notary/proof/errors", "bad_request"),
         ("[1,2,3]".into(), "notary/proof/errors", "bad_request"),
         (format!("{{\"id\":\"hex\",\"digest\":\"zz\",\"reply_to\":\"{reply}\"}}"), reply, "bad_request"),
         (format!("{{\"id\":\"short\",\"digest\":\"abcd\",\"reply_to\":\"{reply}\"}}"), reply, "bad_request"),
-        (format!("{{\"id\":\"unknown\",\"digest\":\"{unknown}\",\"reply_to\":\"{reply}\"}}"), reply, "not_found"),
-        (format!("{{\"id\":\"victim\",\"digest\":\"{unknown}\",\"reply_to\":\"devices/victim\"}}"), "notary/proof/errors", "bad_request"),
-        (format!("{{\"id\":\"wild\",\"digest\":\"{unknown}\",\"reply_to\":\"notary/proof/response/#\"}}"), "notary/proof/errors", "bad_request"),
+        (
+            format!("{{\"id\":\"unknown\",\"digest\":\"{unknown}\",\"reply_to\":\"{reply}\"}}"),
+            reply,
+            "not_found",
+        ),
+        (
+            format!("{{\"id\":\"victim\",\"digest\":\"{unknown}\",\"reply_to\":\"devices/victim\"}}"),
+            "notary/proof/errors",
+            "bad_request",
+        ),
+        (
+            format!("{{\"id\":\"wild\",\"digest\":\"{unknown}\",\"reply_to\":\"notary/proof/response/#\"}}"),
+            "notary/proof/errors",
+            "bad_request",
+        ),
         (huge, "notary/proof/errors", "bad_request"),
     ];
     let mut expected: Vec<(String, String)> = Vec::new();
@@ -79,7 +95,12 @@ fn mqtt5_clients_and_garbage_bytes_cannot_crash_or_wedge_the_listener() {
     // MQTT 5 with properties toward a 3.1.1 subscriber: the v5 client is
     // refused at CONNECT, so no properties can reach the v4 encoder.
     for _ in 0..3 {
-        let out = publish(notary.mqtt, "shared/v5", b"from v5", &["-V", "mqttv5", "-D", "publish", "user-property", "k", "v"]);
+        let out = publish(
+            notary.mqtt,
+            "shared/v5",
+            b"from v5",
+            &["-V", "mqttv5", "-D", "publish", "user-property", "k", "v"],
+        );
         assert!(!out.status.success(), "an MQTT 5 client is refused on the 3.1.1 listener");
     }
     assert!(notary.is_running());

@@ -33,7 +33,15 @@ fn usage_and_io_errors_exit_2() {
     let out = Command::new(BIN).arg("verify").output().expect("run");
     assert_eq!(code(out.status), 2, "missing arguments");
     let out = Command::new(BIN)
-        .args(["verify", "--bundle", "/nonexistent/b.json", "--payload", "/nonexistent/p", "--broker-key", "/nonexistent/k"])
+        .args([
+            "verify",
+            "--bundle",
+            "/nonexistent/b.json",
+            "--payload",
+            "/nonexistent/p",
+            "--broker-key",
+            "/nonexistent/k",
+        ])
         .output()
         .expect("run");
     assert_eq!(code(out.status), 2, "unreadable files");
@@ -76,7 +84,8 @@ fn a_tampered_ledger_fails_ledger_verify() {
     let (code, out) = ledger_verify(&notary.dir);
     assert_eq!(code, 0, "{out}");
     let db = rusqlite::Connection::open(notary.dir.join("ledger.sqlite")).expect("ledger");
-    db.execute("UPDATE ledger_entries SET anchored_at_ms = anchored_at_ms + 1 WHERE idx = 1", []).expect("tamper");
+    db.execute("UPDATE ledger_entries SET anchored_at_ms = anchored_at_ms + 1 WHERE idx = 1", [])
+        .expect("tamper");
     drop(db);
     let (code, out) = ledger_verify(&notary.dir);
     assert_eq!(code, 1, "{out}");

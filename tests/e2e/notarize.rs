@@ -13,11 +13,14 @@ fn ten_thousand_messages_from_mosquitto_pub_all_verify() {
     let tmp = tempfile::tempdir().expect("tmp");
     let notary = Notary::start(tmp.path());
     const N: usize = 10_000;
-    let lines: Vec<String> = (0..N).map(|i| format!("{{\"device\":\"d{}\",\"reading\":{i}}}", i % 17)).collect();
+    let lines: Vec<String> =
+        (0..N).map(|i| format!("{{\"device\":\"d{}\",\"reading\":{i}}}", i % 17)).collect();
     publish_lines(notary.mqtt, "factory/line1/readings", 1, &lines);
 
     // Every message persisted, then every one sealed and anchored.
-    eventually("10,000 leaves persisted", || (notary.metric("messages_notarized_total") >= N as u64).then_some(()));
+    eventually("10,000 leaves persisted", || {
+        (notary.metric("messages_notarized_total") >= N as u64).then_some(())
+    });
     notary.wait_proof(lines[N - 1].as_bytes());
     assert_eq!(notary.metric("messages_received_total"), N as u64);
     assert_eq!(notary.metric("gap_messages_total"), 0);
@@ -105,4 +108,45 @@ fn the_same_payload_twice_gets_two_bundles() {
     let (code, out, err) = cli_verify(&body, b"same", &notary.broker_key());
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("topic:       a") && out.contains("topic:       b"), "{out}");
+}
+
+#[test]
+fn messages_the_broker_drops_are_counted_as_gaps_never_silently_lost() {
+    // A one-message queue and a 1 KiB backlog: rumqttd must drop most of a
+    // burst. Every acknowledged message is then either notarized or counted.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let config = fast_config(
+        tmp.path(),
+        "[ingest]\nqueue_capacity = 1\n[mqtt]\nbacklog_segment_bytes = 1024\nbacklog_segment_count = 1\n",
+    );
+    let notary = Notary::start_with(tmp.path(), Some(config));
+    const PER: usize = 5_000;
+    let publishers: Vec<_> = (0..4)
+        .map(|p| {
+            let lines: Vec<String> =
+                (0..PER).map(|i| format!("burst {p}/{i} with some padding to fill segments")).collect();
+            let port = notary.mqtt;
+            std::thread::spawn(move || publish_lines(port, &format!("burst/{p}"), 1, &lines))
+        })
+        .collect();
+    for p in publishers {
+        p.join().expect("publisher");
+    }
+    let total = 4 * PER as u64;
+    let (received, missed) = eventually("every message notarized or counted as a gap", || {
+        let (r, g) = (notary.metric("messages_received_total"), notary.metric("gap_messages_total"));
+        (r + g >= total).then_some((r, g))
+    });
+    assert_eq!(received + missed, total, "exact accounting");
+    assert!(missed > 0, "the burst overflowed the backlog");
+    assert!(notary.metric("gap_events_total") > 0);
+    let (_, health) = notary.get("/healthz");
+    let health: Value = serde_json::from_str(&health).expect("JSON");
+    assert_eq!(health["gap_messages"], missed);
+    // The gaps are stored too, so they survive restarts.
+    let db = rusqlite::Connection::open(notary.dir.join("notary.sqlite")).expect("store");
+    eventually("gaps stored", || {
+        let s: u64 = db.query_row("SELECT COALESCE(SUM(missed), 0) FROM gaps", [], |r| r.get(0)).ok()?;
+        (s == missed).then_some(())
+    });
 }

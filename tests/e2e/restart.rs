@@ -25,7 +25,9 @@ fn restart_keeps_bundles_and_the_log_stays_consistent() {
     let tmp = tempfile::tempdir().expect("tmp");
     // Run on the generated default config, with short batches.
     let out = std::process::Command::new(BIN).arg("generate-config").output().expect("generate-config");
-    let config = String::from_utf8(out.stdout).expect("UTF-8").replace("max_batch_age_ms = 1000", "max_batch_age_ms = 100");
+    let config = String::from_utf8(out.stdout)
+        .expect("UTF-8")
+        .replace("max_batch_age_ms = 1000", "max_batch_age_ms = 100");
     let config_path = tmp.path().join("generated.toml");
     std::fs::write(&config_path, config).expect("write");
     let mut notary = Notary::start_with(tmp.path(), Some(config_path));
@@ -98,7 +100,8 @@ fn kill_9_mid_stream_loses_nothing_that_was_persisted() {
     let tmp = tempfile::tempdir().expect("tmp");
     let mut notary = Notary::start(tmp.path());
     let lines: Vec<String> = (0..30_000).map(|i| format!("crash-test message {i:05}")).collect();
-    let by_digest: HashMap<String, String> = lines.iter().map(|l| (blake3_hex(l.as_bytes()), l.clone())).collect();
+    let by_digest: HashMap<String, String> =
+        lines.iter().map(|l| (blake3_hex(l.as_bytes()), l.clone())).collect();
     let publisher = BackgroundPublisher::start(notary.mqtt, "crash/stream", lines);
     eventually("part of the stream to be persisted", || {
         (notary.metric("messages_notarized_total") >= 2_000).then_some(())
