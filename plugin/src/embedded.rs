@@ -128,8 +128,16 @@ fn read_link(mut rx: LinkRx, sink: Arc<dyn Sink>) {
         match notification {
             Notification::Forward(forward) => {
                 if let Some((_, offset)) = forward.cursor {
-                    if let Some(expected) = next_offset.filter(|e| offset > *e) {
-                        sink.gap(offset - expected);
+                    match next_offset {
+                        Some(expected) if offset > expected => sink.gap(offset - expected),
+                        // Offsets only grow; an old one is a re-delivery of
+                        // a message we already took. Never notarize it twice.
+                        Some(expected) if offset < expected => {
+                            sink.redelivered(expected - offset);
+                            tracing::warn!(offset, expected, "broker re-delivered a message; skipped");
+                            continue;
+                        }
+                        _ => {}
                     }
                     next_offset = Some(offset + 1);
                 }

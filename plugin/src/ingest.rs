@@ -88,6 +88,10 @@ impl Sink for Intake {
         self.send(IngestItem::Message(msg))
     }
 
+    fn redelivered(&self, _behind: u64) {
+        Metrics::inc(&self.metrics.redelivered_skipped_total);
+    }
+
     fn gap(&self, missed: u64) {
         Metrics::inc(&self.metrics.gap_events_total);
         Metrics::add(&self.metrics.gap_messages_total, missed);

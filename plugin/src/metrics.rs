@@ -38,6 +38,7 @@ metrics! {
     anchor_failures_total: "counter", "Failed anchoring attempts (retried).";
     gap_events_total: "counter", "Times the source reported lost messages.";
     gap_messages_total: "counter", "Messages the source lost before notarization.";
+    redelivered_skipped_total: "counter", "Messages the broker delivered twice; the copy was skipped.";
     proof_requests_mqtt_total: "counter", "Proof requests received over MQTT.";
     proof_requests_http_total: "counter", "Proof requests received over HTTP.";
     proof_request_errors_total: "counter", "Proof requests answered with an error.";

@@ -9,6 +9,9 @@ use std::sync::{Arc, Mutex};
 
 /// Batch trees kept in memory; proofs are mostly asked for recent messages.
 const TREE_CACHE: usize = 8;
+/// Most bundles in one answer: a payload such as `ON` may be notarized
+/// millions of times, and one request must not build them all.
+pub const MAX_BUNDLES: usize = 100;
 
 pub enum ProofAnswer {
     /// One bundle per time the payload was notarized and anchored.
@@ -45,7 +48,7 @@ impl ProofService {
 
     pub fn lookup(&self, digest: &[u8; 32]) -> Result<ProofAnswer, ProofError> {
         let store = self.store()?;
-        let leaves = store.leaves_by_digest(digest)?;
+        let leaves = store.leaves_by_digest(digest, MAX_BUNDLES)?;
         if leaves.is_empty() {
             return Ok(ProofAnswer::Unknown);
         }

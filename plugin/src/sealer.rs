@@ -23,6 +23,8 @@ use std::sync::Arc;
 pub const CHECKPOINT_TOPIC: &str = "notary/checkpoint";
 /// Wait between anchoring retries while a ledger fails.
 const ANCHOR_RETRY_MS: u64 = 1000;
+/// Pause after a failed seal (store error) before the next attempt.
+const SEAL_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
 
 pub(crate) enum SealerMsg {
     /// Persisted leaves, in sequence order: (seq, leaf hash).
@@ -114,8 +116,10 @@ impl Sealer {
                     self.anchor_pending(st);
                 }
                 Err(e) => {
-                    // Leaves stay pending and are sealed on the next attempt.
+                    // Leaves stay pending and are sealed on the next attempt;
+                    // pause so a failing disk is not hammered.
                     tracing::error!(error = %e, "sealing failed; will retry");
+                    std::thread::sleep(SEAL_RETRY);
                     return;
                 }
             }

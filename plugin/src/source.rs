@@ -26,6 +26,9 @@ pub trait Sink: Send + Sync {
     /// Reports that the source lost `missed` messages before they reached
     /// the pipeline (e.g. the broker's buffer overflowed).
     fn gap(&self, missed: u64);
+
+    /// Reports that the source skipped a message it had already delivered.
+    fn redelivered(&self, behind: u64);
 }
 
 /// Publishes the pipeline's own messages (proof answers, checkpoints).

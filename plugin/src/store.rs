@@ -189,10 +189,14 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    pub fn leaves_by_digest(&self, digest: &[u8; 32]) -> Result<Vec<StoredLeaf>, StoreError> {
-        let mut stmt =
-            self.conn.prepare_cached("SELECT seq, record FROM leaves WHERE digest = ?1 ORDER BY seq")?;
-        let rows = stmt.query_map([&digest[..]], |r| Ok((r.get::<_, u64>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
+    /// The first `limit` leaves with this payload digest, in sequence order.
+    pub fn leaves_by_digest(&self, digest: &[u8; 32], limit: usize) -> Result<Vec<StoredLeaf>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT seq, record FROM leaves WHERE digest = ?1 ORDER BY seq LIMIT ?2")?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt
+            .query_map(params![&digest[..], limit], |r| Ok((r.get::<_, u64>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
         rows.map(|row| {
             let (seq, record) = row?;
             Ok(StoredLeaf { seq, digest: *digest, record })

@@ -113,7 +113,7 @@ fn the_same_payload_twice_gets_two_bundles() {
 #[test]
 fn messages_the_broker_drops_are_counted_as_gaps_never_silently_lost() {
     // A one-message queue and a 1 KiB backlog: rumqttd must drop most of a
-    // burst. Every acknowledged message is then either notarized or counted.
+    // burst. Every acknowledged message must then be notarized or counted.
     let tmp = tempfile::tempdir().expect("tmp");
     let config = fast_config(
         tmp.path(),
@@ -137,7 +137,26 @@ fn messages_the_broker_drops_are_counted_as_gaps_never_silently_lost() {
         let (r, g) = (notary.metric("messages_received_total"), notary.metric("gap_messages_total"));
         (r + g >= total).then_some((r, g))
     });
-    assert_eq!(received + missed, total, "exact accounting");
+    // At least, not exactly: QoS 1 is at-least-once, and a publish the client
+    // retransmitted under this load is a second message to the broker (seen
+    // once in about ten debug runs, as one extra). What must never happen is
+    // fewer: a message acknowledged and neither notarized nor counted.
+    if received + missed < total {
+        let db = rusqlite::Connection::open(notary.dir.join("notary.sqlite")).expect("store");
+        let dups: u64 = db
+            .query_row(
+                "SELECT COUNT(*) FROM (SELECT digest FROM leaves GROUP BY digest HAVING COUNT(*) > 1)",
+                [],
+                |r| r.get(0),
+            )
+            .expect("query");
+        panic!(
+            "accounting: received {received} + gaps {missed} < {total}; duplicate leaves: {dups}; \
+             redelivered skipped: {}\n{}",
+            notary.metric("redelivered_skipped_total"),
+            notary.log()
+        );
+    }
     assert!(missed > 0, "the burst overflowed the backlog");
     assert!(notary.metric("gap_events_total") > 0);
     let (_, health) = notary.get("/healthz");
@@ -149,4 +168,25 @@ fn messages_the_broker_drops_are_counted_as_gaps_never_silently_lost() {
         let s: u64 = db.query_row("SELECT COALESCE(SUM(missed), 0) FROM gaps", [], |r| r.get(0)).ok()?;
         (s == missed).then_some(())
     });
+}
+
+#[test]
+fn a_payload_notarized_very_often_is_answered_with_the_first_100() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let notary = Notary::start(tmp.path());
+    let lines: Vec<String> = (0..105).map(|_| "ON".to_owned()).collect();
+    publish_lines(notary.mqtt, "switch/1", 1, &lines);
+    eventually("all 105 persisted", || (notary.metric("messages_notarized_total") == 105).then_some(()));
+    let body = eventually("100 bundles", || {
+        let b = notary.wait_proof(b"ON");
+        let n = serde_json::from_str::<Vec<Value>>(&b).map(|v| v.len()).unwrap_or(0);
+        (n == 100).then_some(b)
+    });
+    let bundles: Vec<Value> = serde_json::from_str(&body).expect("array");
+    let key = key(&notary);
+    let seqs: Vec<u64> = bundles
+        .iter()
+        .map(|b| verify_bundle_json(b.to_string().as_bytes(), b"ON", &key).expect("verifies").leaf.seq)
+        .collect();
+    assert_eq!(seqs, (0..100).collect::<Vec<u64>>(), "the first 100, in order");
 }

@@ -139,3 +139,25 @@ fn kill_9_mid_stream_loses_nothing_that_was_persisted() {
     assert!(publish(notary.mqtt, "crash/after", b"after the crash", &[]).status.success());
     notary.wait_proof(b"after the crash");
 }
+
+#[test]
+fn sigterm_seals_and_anchors_the_open_batch_before_exiting() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let config = tmp.path().join("hour.toml");
+    std::fs::write(&config, "[log]\nmax_batch_age_ms = 3600000\n").expect("write");
+    let mut notary = Notary::start_with(tmp.path(), Some(config));
+    publish_lines(notary.mqtt, "s/1", 1, &(0..50).map(|i| format!("open batch {i}")).collect::<Vec<_>>());
+    eventually("50 leaves persisted", || (notary.metric("messages_notarized_total") == 50).then_some(()));
+    assert!(notary.get("/healthz").1.contains("\"log_size\":0"), "nothing sealed yet");
+    notary.stop(); // asserts exit code 0
+
+    let db = rusqlite::Connection::open(notary.dir.join("notary.sqlite")).expect("store");
+    let sealed: u64 =
+        db.query_row("SELECT COALESCE(SUM(size), 0) FROM batches", [], |r| r.get(0)).expect("sum");
+    assert_eq!(sealed, 50, "the open batch was sealed at shutdown");
+    let receipts: u64 = db.query_row("SELECT COUNT(*) FROM receipts", [], |r| r.get(0)).expect("count");
+    assert_eq!(receipts, 1, "and anchored");
+    let (code, out) = ledger_verify(&notary.dir);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("1 ledger entries, log size 1"), "{out}");
+}
