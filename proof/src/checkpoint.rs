@@ -124,9 +124,7 @@ impl NoteSigner {
     /// The `PRIVATE+KEY+...` string. It is a secret: write it to a file with
     /// restricted permissions, never to a log.
     pub fn to_key_string(&self) -> String {
-        let mut k = vec![ALG_ED25519];
-        k.extend_from_slice(self.key.as_bytes());
-        format!("PRIVATE+KEY+{}+{}+{}", self.name, hex::encode(self.id), B64.encode(k))
+        format!("PRIVATE+KEY+{}", key_string(&self.name, self.id, self.key.as_bytes()))
     }
 
     pub fn name(&self) -> &str {
@@ -153,6 +151,13 @@ pub struct NoteVerifier {
     name: String,
     key: VerifyingKey,
     id: [u8; 4],
+}
+
+/// `<name>+<id hex>+<base64(0x01 || key)>`, the note package's key layout.
+fn key_string(name: &str, id: [u8; 4], key: &[u8; 32]) -> String {
+    let mut k = vec![ALG_ED25519];
+    k.extend_from_slice(key);
+    format!("{name}+{}+{}", hex::encode(id), B64.encode(k))
 }
 
 fn split_key(s: &str) -> Result<(&str, [u8; 4], Vec<u8>), NoteError> {
@@ -192,9 +197,7 @@ impl NoteVerifier {
     }
 
     pub fn to_key_string(&self) -> String {
-        let mut k = vec![ALG_ED25519];
-        k.extend_from_slice(self.key.as_bytes());
-        format!("{}+{}+{}", self.name, hex::encode(self.id), B64.encode(k))
+        key_string(&self.name, self.id, self.key.as_bytes())
     }
 
     pub fn name(&self) -> &str {

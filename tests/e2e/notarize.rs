@@ -1,12 +1,8 @@
 //! Messages in, provable bundles out.
 
 use crate::support::*;
-use notary_proof::{verify_bundle_json, NoteVerifier, ProofBundle};
+use notary_proof::{verify_bundle_json, ProofBundle};
 use serde_json::Value;
-
-fn key(n: &Notary) -> NoteVerifier {
-    NoteVerifier::from_key_string(&std::fs::read_to_string(n.broker_key()).expect("broker.pub")).expect("key")
-}
 
 #[test]
 fn ten_thousand_messages_from_mosquitto_pub_all_verify() {
@@ -25,7 +21,7 @@ fn ten_thousand_messages_from_mosquitto_pub_all_verify() {
     assert_eq!(notary.metric("messages_received_total"), N as u64);
     assert_eq!(notary.metric("gap_messages_total"), 0);
 
-    let key = key(&notary);
+    let key = broker_verifier(&notary);
     let mut seqs = std::collections::HashSet::new();
     for (i, line) in lines.iter().enumerate() {
         let body = notary.wait_proof(line.as_bytes());
@@ -71,14 +67,15 @@ fn proofs_over_mqtt_and_the_retained_checkpoint() {
     let from_http: Vec<ProofBundle> = serde_json::from_str(&http).expect("bundles");
     let from_mqtt: Vec<ProofBundle> = serde_json::from_value(Value::Array(bundles.clone())).expect("bundles");
     assert_eq!(from_mqtt, from_http, "MQTT and HTTP serve the same bundle");
-    verify_bundle_json(bundles[0].to_string().as_bytes(), payload, &key(&notary)).expect("verifies");
+    verify_bundle_json(bundles[0].to_string().as_bytes(), payload, &broker_verifier(&notary))
+        .expect("verifies");
 
     // The latest checkpoint is retained on notary/checkpoint and matches HTTP.
     let cp_sub = Subscriber::start(notary.mqtt, &["notary/checkpoint"], &["-C", "1"]);
     let (_, note_first_line) = cp_sub.next_message();
     let (status, note) = notary.get("/v1/checkpoint");
     assert_eq!(status, 200);
-    key(&notary).verify_checkpoint(&note).expect("signed checkpoint");
+    broker_verifier(&notary).verify_checkpoint(&note).expect("signed checkpoint");
     assert!(note.starts_with(note_first_line.trim()), "retained checkpoint names the same log");
 }
 
@@ -183,7 +180,7 @@ fn a_payload_notarized_very_often_is_answered_with_the_first_100() {
         (n == 100).then_some(b)
     });
     let bundles: Vec<Value> = serde_json::from_str(&body).expect("array");
-    let key = key(&notary);
+    let key = broker_verifier(&notary);
     let seqs: Vec<u64> = bundles
         .iter()
         .map(|b| verify_bundle_json(b.to_string().as_bytes(), b"ON", &key).expect("verifies").leaf.seq)

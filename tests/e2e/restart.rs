@@ -3,13 +3,9 @@
 
 use crate::support::*;
 use notary_proof::tree::verify_consistency;
-use notary_proof::{verify_bundle_json, NoteVerifier};
+use notary_proof::verify_bundle_json;
 use serde_json::Value;
 use std::collections::HashMap;
-
-fn key(n: &Notary) -> NoteVerifier {
-    NoteVerifier::from_key_string(&std::fs::read_to_string(n.broker_key()).expect("broker.pub")).expect("key")
-}
 
 fn b64_hash(v: &Value) -> [u8; 32] {
     use base64::Engine as _;
@@ -31,7 +27,7 @@ fn restart_keeps_bundles_and_the_log_stays_consistent() {
     let config_path = tmp.path().join("generated.toml");
     std::fs::write(&config_path, config).expect("write");
     let mut notary = Notary::start_with(tmp.path(), Some(config_path));
-    let key = key(&notary);
+    let key = broker_verifier(&notary);
 
     let before = b"before restart".to_vec();
     assert!(publish(notary.mqtt, "r/1", &before, &[]).status.success());
@@ -124,7 +120,7 @@ fn kill_9_mid_stream_loses_nothing_that_was_persisted() {
     }
 
     notary.restart();
-    let key = key(&notary);
+    let key = broker_verifier(&notary);
     for (seq, digest) in &persisted {
         let line = by_digest.get(digest).expect("every leaf is one of our messages");
         let body = notary.wait_proof(line.as_bytes());

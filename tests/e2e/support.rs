@@ -29,6 +29,12 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
 
+/// The verifier key a running notary wrote to its data directory.
+pub fn broker_verifier(n: &Notary) -> notary_proof::NoteVerifier {
+    let text = std::fs::read_to_string(n.broker_key()).expect("broker.pub");
+    notary_proof::NoteVerifier::from_key_string(&text).expect("broker.pub parses")
+}
+
 pub fn blake3_hex(payload: &[u8]) -> String {
     blake3::hash(payload).to_hex().to_string()
 }
@@ -174,14 +180,19 @@ pub fn publish_lines(port: u16, topic: &str, qos: u8, lines: &[String]) {
     }
 }
 
-fn publish_chunk(port: u16, topic: &str, qos: u8, lines: &[String]) {
-    let mut child = Command::new("mosquitto_pub")
+/// `mosquitto_pub -l`: one message per line of its standard input.
+fn line_publisher(port: u16, topic: &str, qos: u8, stderr: Stdio) -> Child {
+    Command::new("mosquitto_pub")
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic, "-q", &qos.to_string(), "-l"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(stderr)
         .spawn()
-        .expect("mosquitto_pub is installed");
+        .expect("mosquitto_pub is installed")
+}
+
+fn publish_chunk(port: u16, topic: &str, qos: u8, lines: &[String]) {
+    let mut child = line_publisher(port, topic, qos, Stdio::piped());
     {
         let mut stdin = child.stdin.take().expect("stdin");
         for l in lines {
@@ -201,13 +212,7 @@ pub struct BackgroundPublisher {
 
 impl BackgroundPublisher {
     pub fn start(port: u16, topic: &str, lines: Vec<String>) -> BackgroundPublisher {
-        let mut child = Command::new("mosquitto_pub")
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic, "-q", "1", "-l"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto_pub is installed");
+        let mut child = line_publisher(port, topic, 1, Stdio::null());
         let mut stdin = child.stdin.take().expect("stdin");
         std::thread::spawn(move || {
             for l in &lines {
