@@ -383,3 +383,83 @@ fn every_vector_verifies_as_expected() {
         assert_eq!(got, c["expect"].as_str().expect("expect"), "case {name}");
     }
 }
+
+/// Random byte mutations of real vectors never panic the parsers or the
+/// verifier; they only ever return an error (or, rarely, still verify when
+/// the mutation hits insignificant JSON whitespace).
+#[test]
+fn random_mutations_never_panic() {
+    let text = std::fs::read_to_string(vectors_path()).expect("vectors exist");
+    let file: Value = serde_json::from_str(&text).expect("vectors parse");
+    let key = NoteVerifier::from_key_string(file["broker_key"].as_str().expect("key")).expect("key parses");
+    let valid: Vec<(Vec<u8>, Vec<u8>)> = file["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .filter(|c| c["expect"] == "valid")
+        .map(|c| {
+            (
+                c["bundle_json"].as_str().expect("bundle").as_bytes().to_vec(),
+                hex::decode(c["payload_hex"].as_str().expect("hex")).expect("hex"),
+            )
+        })
+        .collect();
+    let mut state = 0x9e37_79b9_7f4a_7c15u64; // xorshift64*, fixed seed
+    let mut next = move || {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    for i in 0..20_000 {
+        let (bundle, payload) = &valid[i % valid.len()];
+        let mut b = bundle.clone();
+        for _ in 0..1 + next() % 4 {
+            let at = (next() % b.len() as u64) as usize;
+            match next() % 3 {
+                0 => b[at] ^= 1 << (next() % 8),
+                1 => b[at] = (next() % 128) as u8,
+                _ => b.truncate(at),
+            }
+            if b.is_empty() {
+                break;
+            }
+        }
+        let _ = verify_bundle_json(&b, payload, &key);
+        // Also mutate inside the decoded fields, past the JSON parser.
+        let mut s: ProofBundle = serde_json::from_slice(bundle).expect("valid bundle parses");
+        let pick = next() % 5;
+        let field: &mut Vec<u8> = match pick {
+            0 => &mut s.leaf,
+            1 => &mut s.batch,
+            _ => &mut b,
+        };
+        if pick < 2 && !field.is_empty() {
+            let at = (next() % field.len() as u64) as usize;
+            if next() % 2 == 0 {
+                field[at] ^= 1 << (next() % 8);
+            } else {
+                field.truncate(at);
+            }
+        } else if pick == 2 && !s.batch_path.is_empty() {
+            let at = (next() % s.batch_path.len() as u64) as usize;
+            s.batch_path[at][(next() % 32) as usize] ^= 1;
+        } else if pick == 3 {
+            s.leaf_index = next() % 64;
+            s.log_path.truncate((next() % 4) as usize);
+        } else {
+            let mut note = s.checkpoint.clone().into_bytes();
+            let at = (next() % note.len() as u64) as usize;
+            note[at] = (next() % 128) as u8;
+            s.checkpoint = String::from_utf8(note).unwrap_or_default();
+        }
+        let _ = notary_proof::verify_bundle(&s, payload, &key);
+        let _ = LeafRecord::decode(&b);
+        let _ = BatchRecord::decode(&b);
+        if let Ok(s) = std::str::from_utf8(&b) {
+            let _ = key.verify_checkpoint(s);
+            let _ = Checkpoint::parse_body(s);
+            let _ = NoteVerifier::from_key_string(s);
+        }
+    }
+}
