@@ -2,13 +2,10 @@
 //! store. Shared by the MQTT and HTTP front ends; read-only.
 
 use crate::store::{Store, StoreError};
-use notary_proof::{BatchRecord, BatchTree, ProofBundle, BUNDLE_FORMAT};
-use std::collections::VecDeque;
+use notary_proof::{ProofBundle, BUNDLE_FORMAT};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
-/// Batch trees kept in memory; proofs are mostly asked for recent messages.
-const TREE_CACHE: usize = 8;
 /// Most bundles in one answer: a payload such as `ON` may be notarized
 /// millions of times, and one request must not build them all.
 pub const MAX_BUNDLES: usize = 100;
@@ -24,7 +21,6 @@ pub enum ProofAnswer {
 
 pub struct ProofService {
     store: Mutex<Store>,
-    trees: Mutex<VecDeque<(u64, Arc<BatchTree>)>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +35,7 @@ pub enum ProofError {
 
 impl ProofService {
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        Ok(ProofService { store: Mutex::new(Store::open(data_dir)?), trees: Mutex::new(VecDeque::new()) })
+        Ok(ProofService { store: Mutex::new(Store::open(data_dir)?) })
     }
 
     fn store(&self) -> Result<std::sync::MutexGuard<'_, Store>, ProofError> {
@@ -61,11 +57,8 @@ impl ProofService {
             if receipts.is_empty() {
                 continue;
             }
-            let tree = self.tree(&store, &batch)?;
             let leaf_index = leaf.seq - batch.first_seq;
-            let batch_path = tree
-                .path(leaf_index)
-                .ok_or_else(|| StoreError::Corrupt(format!("leaf {} outside its batch", leaf.seq)))?;
+            let batch_path = store.batch_path(&batch, leaf_index)?;
             bundles.push(ProofBundle {
                 format: BUNDLE_FORMAT.to_owned(),
                 leaf: leaf.record,
@@ -78,28 +71,6 @@ impl ProofService {
             });
         }
         Ok(if bundles.is_empty() { ProofAnswer::Pending } else { ProofAnswer::Ready(bundles) })
-    }
-
-    fn tree(&self, store: &Store, batch: &BatchRecord) -> Result<Arc<BatchTree>, ProofError> {
-        let mut cache = self.trees.lock().map_err(|_| ProofError::Poisoned)?;
-        if let Some((_, t)) = cache.iter().find(|(n, _)| *n == batch.number) {
-            return Ok(t.clone());
-        }
-        let hashes: Vec<_> = store
-            .leaves_in(batch.first_seq, batch.first_seq + batch.size)?
-            .iter()
-            .map(|l| notary_proof::hash::leaf_hash(&l.record))
-            .collect();
-        let tree =
-            BatchTree::new(&hashes).filter(|t| t.size() == batch.size && t.root() == batch.root).ok_or_else(
-                || StoreError::Corrupt(format!("batch {} does not match its leaves", batch.number)),
-            )?;
-        let tree = Arc::new(tree);
-        if cache.len() >= TREE_CACHE {
-            cache.pop_front();
-        }
-        cache.push_back((batch.number, tree.clone()));
-        Ok(tree)
     }
 
     /// The newest signed checkpoint note.

@@ -137,12 +137,17 @@ impl Sealer {
             root: tree.root(),
             sealed_at_ms: now,
         };
+        // Upper batch-tree nodes, stored so any path is served from at most
+        // 64 leaves; rs_merkle's root above is the one the batch commits to.
+        let mut full = tree::MemoryTree::new();
+        leaves.iter().for_each(|h| full.append(*h));
+        let batch_nodes = full.perfect_nodes(crate::store::BATCH_NODE_MIN_LEVEL);
         let nodes = self.store.nodes_after_append(batch.number, batch.leaf_hash())?;
         let root = tree::root(&mut Overlay { store: &self.store, extra: &nodes }, batch.number + 1)?;
         let checkpoint = Checkpoint { origin: self.signer.name().to_owned(), size: batch.number + 1, root };
         let note = self.signer.sign(&checkpoint.body());
         // One transaction: on failure nothing changed and the caller retries.
-        self.store.seal(&batch, &nodes, &note)?;
+        self.store.seal(&batch, &batch_nodes, &nodes, &note)?;
         st.pending.drain(..n);
         st.next_number += 1;
         Metrics::inc(&self.metrics.batches_sealed_total);

@@ -12,6 +12,10 @@ use rusqlite::{params, Connection, OptionalExtension};
 use std::path::Path;
 
 pub const STORE_FILE: &str = "notary.sqlite";
+/// Batch-tree nodes are stored from this level up (subtrees of 64 leaves);
+/// lower ones are recomputed from at most 64 leaves when a path is served.
+/// That costs about one hash per 32 leaves on disk.
+pub const BATCH_NODE_MIN_LEVEL: u32 = 6;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS leaves (
@@ -26,6 +30,13 @@ CREATE TABLE IF NOT EXISTS batches (
     size      INTEGER NOT NULL,
     record    BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS batch_nodes (
+    batch INTEGER NOT NULL,
+    level INTEGER NOT NULL,
+    idx   INTEGER NOT NULL,
+    hash  BLOB NOT NULL,
+    PRIMARY KEY (batch, level, idx)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS log_nodes (
     level INTEGER NOT NULL,
     idx   INTEGER NOT NULL,
@@ -142,10 +153,12 @@ impl Store {
         .collect()
     }
 
-    /// Stores a sealed batch, its new log nodes and its checkpoint atomically.
+    /// Stores a sealed batch, its tree nodes (levels >= `BATCH_NODE_MIN_LEVEL`),
+    /// its new log nodes and its checkpoint atomically.
     pub fn seal(
         &mut self,
         batch: &BatchRecord,
+        batch_nodes: &[(u32, u64, Hash)],
         nodes: &[(u32, u64, Hash)],
         checkpoint_note: &str,
     ) -> Result<(), StoreError> {
@@ -154,6 +167,14 @@ impl Store {
             "INSERT INTO batches (number, first_seq, size, record) VALUES (?1, ?2, ?3, ?4)",
             params![batch.number, batch.first_seq, batch.size, batch.encode()],
         )?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO batch_nodes (batch, level, idx, hash) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (level, idx, hash) in batch_nodes {
+                stmt.execute(params![batch.number, level, idx, &hash[..]])?;
+            }
+        }
         {
             let mut stmt =
                 tx.prepare_cached("INSERT INTO log_nodes (level, idx, hash) VALUES (?1, ?2, ?3)")?;
@@ -277,6 +298,18 @@ impl Store {
 }
 
 impl Store {
+    /// RFC 9162 inclusion path of leaf `index` in `batch`, from the stored
+    /// upper nodes and at most two 64-leaf ranges. Checked against the batch
+    /// root before it is returned, so a damaged store never serves a bad path.
+    pub fn batch_path(&self, batch: &BatchRecord, index: u64) -> Result<Vec<Hash>, StoreError> {
+        let mut src = BatchNodes { store: self, batch, chunks: Vec::new() };
+        let path = tree::inclusion_proof(&mut src, index, batch.size)?;
+        let leaf = src.node(0, index)?;
+        tree::verify_inclusion(index, batch.size, &leaf, &path, &batch.root)
+            .map_err(|_| StoreError::Corrupt(format!("batch {} does not match its root", batch.number)))?;
+        Ok(path)
+    }
+
     /// A perfect-subtree node of the log.
     pub fn log_node(&self, level: u32, index: u64) -> Result<Hash, StoreError> {
         Nodes(self).node(level, index)
@@ -298,6 +331,119 @@ impl NodeSource for Nodes<'_> {
     }
 }
 
+/// Nodes of one batch tree: stored ones from `BATCH_NODE_MIN_LEVEL` up,
+/// lower ones computed from the 64-leaf chunk that holds them.
+struct BatchNodes<'a> {
+    store: &'a Store,
+    batch: &'a BatchRecord,
+    chunks: Vec<(u64, tree::MemoryTree)>,
+}
+
+impl NodeSource for BatchNodes<'_> {
+    type Error = StoreError;
+    fn node(&mut self, level: u32, index: u64) -> Result<Hash, StoreError> {
+        if level >= BATCH_NODE_MIN_LEVEL {
+            let hash: Option<Vec<u8>> = self
+                .store
+                .conn
+                .prepare_cached("SELECT hash FROM batch_nodes WHERE batch = ?1 AND level = ?2 AND idx = ?3")?
+                .query_row(params![self.batch.number, level, index], |r| r.get(0))
+                .optional()?;
+            let missing =
+                || StoreError::Corrupt(format!("missing batch node {}/{level}/{index}", self.batch.number));
+            return hash32(hash.ok_or_else(missing)?);
+        }
+        let chunk = (index << level) >> BATCH_NODE_MIN_LEVEL;
+        let pos = match self.chunks.iter().position(|(c, _)| *c == chunk) {
+            Some(p) => p,
+            None => {
+                let from = self.batch.first_seq + (chunk << BATCH_NODE_MIN_LEVEL);
+                let to = (from + (1 << BATCH_NODE_MIN_LEVEL)).min(self.batch.first_seq + self.batch.size);
+                let mut t = tree::MemoryTree::new();
+                for leaf in self.store.leaves_in(from, to)? {
+                    t.append(notary_proof::hash::leaf_hash(&leaf.record));
+                }
+                self.chunks.push((chunk, t));
+                self.chunks.len() - 1
+            }
+        };
+        let local = index - ((chunk << BATCH_NODE_MIN_LEVEL) >> level);
+        self.chunks[pos]
+            .1
+            .node(level, local)
+            .map_err(|_| StoreError::Corrupt(format!("batch {} is missing leaves", self.batch.number)))
+    }
+}
+
 fn decode_batch(bytes: &[u8]) -> Result<BatchRecord, StoreError> {
     BatchRecord::decode(bytes).map_err(|e| StoreError::Corrupt(format!("batch record: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notary_proof::{BatchTree, LeafRecord};
+
+    /// Seals batches of many sizes into a real store, then checks that every
+    /// served path equals rs_merkle's path over all the batch's leaves.
+    #[test]
+    fn served_batch_paths_equal_rs_merkle_paths() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut store = Store::open(dir.path()).expect("store");
+        let sizes: Vec<u64> = (1..=200).chain([255, 256, 257, 1000, 4097]).collect();
+        let mut seq = 0u64;
+        for (number, &size) in sizes.iter().enumerate() {
+            let leaves: Vec<StoredLeaf> = (seq..seq + size)
+                .map(|s| {
+                    let rec = LeafRecord::broker_received(s, s, "t", &s.to_be_bytes());
+                    StoredLeaf { seq: s, digest: rec.payload_digest, record: rec.encode().expect("encodes") }
+                })
+                .collect();
+            store.append_leaves(&leaves).expect("append");
+            let hashes: Vec<Hash> = leaves.iter().map(|l| notary_proof::hash::leaf_hash(&l.record)).collect();
+            let rs = BatchTree::new(&hashes).expect("non-empty");
+            let mut mem = tree::MemoryTree::new();
+            hashes.iter().for_each(|h| mem.append(*h));
+            let batch =
+                BatchRecord { number: number as u64, first_seq: seq, size, root: rs.root(), sealed_at_ms: 0 };
+            let log_nodes = store.nodes_after_append(batch.number, batch.leaf_hash()).expect("nodes");
+            store
+                .seal(&batch, &mem.perfect_nodes(BATCH_NODE_MIN_LEVEL), &log_nodes, &format!("note {number}"))
+                .expect("seal");
+            for i in 0..size {
+                assert_eq!(
+                    store.batch_path(&batch, i).expect("path"),
+                    rs.path(i).expect("in range"),
+                    "{i}/{size}"
+                );
+            }
+            seq += size;
+        }
+    }
+
+    #[test]
+    fn a_damaged_batch_is_refused_not_served() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut store = Store::open(dir.path()).expect("store");
+        let leaves: Vec<StoredLeaf> = (0..100u64)
+            .map(|s| {
+                let rec = LeafRecord::broker_received(s, s, "t", &s.to_be_bytes());
+                StoredLeaf { seq: s, digest: rec.payload_digest, record: rec.encode().expect("encodes") }
+            })
+            .collect();
+        store.append_leaves(&leaves).expect("append");
+        let hashes: Vec<Hash> = leaves.iter().map(|l| notary_proof::hash::leaf_hash(&l.record)).collect();
+        let mut mem = tree::MemoryTree::new();
+        hashes.iter().for_each(|h| mem.append(*h));
+        let root = BatchTree::new(&hashes).expect("tree").root();
+        let batch = BatchRecord { number: 0, first_seq: 0, size: 100, root, sealed_at_ms: 0 };
+        let log_nodes = store.nodes_after_append(0, batch.leaf_hash()).expect("nodes");
+        store.seal(&batch, &mem.perfect_nodes(BATCH_NODE_MIN_LEVEL), &log_nodes, "n").expect("seal");
+        // Leaves 0..64 form a stored perfect node; paths for leaves 64..100
+        // use that node and never read the damaged leaf.
+        store.conn.execute("UPDATE leaves SET record = x'00' WHERE seq = 10", []).expect("damage");
+        assert!(store.batch_path(&batch, 70).is_ok(), "paths that do not touch the damage still work");
+        assert!(matches!(store.batch_path(&batch, 10), Err(StoreError::Corrupt(_))));
+        assert!(matches!(store.batch_path(&batch, 3), Err(StoreError::Corrupt(_))));
+    }
 }

@@ -267,6 +267,18 @@ impl MemoryTree {
         self.levels.first().map_or(0, |l| l.len() as u64)
     }
 
+    /// Every perfect-subtree node at `min_level` or above: (level, index, hash).
+    pub fn perfect_nodes(&self, min_level: u32) -> Vec<(u32, u64, Hash)> {
+        self.levels
+            .iter()
+            .enumerate()
+            .skip(min_level as usize)
+            .flat_map(|(level, hashes)| {
+                hashes.iter().enumerate().map(move |(idx, h)| (level as u32, idx as u64, *h))
+            })
+            .collect()
+    }
+
     pub fn append(&mut self, leaf: Hash) {
         let index = self.size();
         let levels = &self.levels;
