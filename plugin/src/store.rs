@@ -384,6 +384,31 @@ mod tests {
     use super::*;
     use notary_proof::{BatchTree, LeafRecord};
 
+    /// Leaves `from..from + n`, persisted, with their leaf hashes.
+    fn persist_leaves(store: &mut Store, from: u64, n: u64) -> Vec<Hash> {
+        let leaves: Vec<StoredLeaf> = (from..from + n)
+            .map(|s| {
+                let rec = LeafRecord::broker_received(s, s, "t", &s.to_be_bytes());
+                StoredLeaf { seq: s, digest: rec.payload_digest, record: rec.encode().expect("encodes") }
+            })
+            .collect();
+        store.append_leaves(&leaves).expect("append");
+        leaves.iter().map(|l| notary_proof::hash::leaf_hash(&l.record)).collect()
+    }
+
+    /// Seals `hashes` as batch `number`, as the sealer does; returns the record.
+    fn seal(store: &mut Store, number: u64, first_seq: u64, hashes: &[Hash]) -> BatchRecord {
+        let root = BatchTree::new(hashes).expect("non-empty").root();
+        let mut mem = tree::MemoryTree::new();
+        hashes.iter().for_each(|h| mem.append(*h));
+        let batch = BatchRecord { number, first_seq, size: hashes.len() as u64, root, sealed_at_ms: 0 };
+        let log_nodes = store.nodes_after_append(number, batch.leaf_hash()).expect("nodes");
+        store
+            .seal(&batch, &mem.perfect_nodes(BATCH_NODE_MIN_LEVEL), &log_nodes, &format!("note {number}"))
+            .expect("seal");
+        batch
+    }
+
     /// Seals batches of many sizes into a real store, then checks that every
     /// served path equals rs_merkle's path over all the batch's leaves.
     #[test]
@@ -393,23 +418,9 @@ mod tests {
         let sizes: Vec<u64> = (1..=200).chain([255, 256, 257, 1000, 4097]).collect();
         let mut seq = 0u64;
         for (number, &size) in sizes.iter().enumerate() {
-            let leaves: Vec<StoredLeaf> = (seq..seq + size)
-                .map(|s| {
-                    let rec = LeafRecord::broker_received(s, s, "t", &s.to_be_bytes());
-                    StoredLeaf { seq: s, digest: rec.payload_digest, record: rec.encode().expect("encodes") }
-                })
-                .collect();
-            store.append_leaves(&leaves).expect("append");
-            let hashes: Vec<Hash> = leaves.iter().map(|l| notary_proof::hash::leaf_hash(&l.record)).collect();
+            let hashes = persist_leaves(&mut store, seq, size);
             let rs = BatchTree::new(&hashes).expect("non-empty");
-            let mut mem = tree::MemoryTree::new();
-            hashes.iter().for_each(|h| mem.append(*h));
-            let batch =
-                BatchRecord { number: number as u64, first_seq: seq, size, root: rs.root(), sealed_at_ms: 0 };
-            let log_nodes = store.nodes_after_append(batch.number, batch.leaf_hash()).expect("nodes");
-            store
-                .seal(&batch, &mem.perfect_nodes(BATCH_NODE_MIN_LEVEL), &log_nodes, &format!("note {number}"))
-                .expect("seal");
+            let batch = seal(&mut store, number as u64, seq, &hashes);
             for i in 0..size {
                 assert_eq!(
                     store.batch_path(&batch, i).expect("path"),
@@ -425,20 +436,8 @@ mod tests {
     fn a_damaged_batch_is_refused_not_served() {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut store = Store::open(dir.path()).expect("store");
-        let leaves: Vec<StoredLeaf> = (0..100u64)
-            .map(|s| {
-                let rec = LeafRecord::broker_received(s, s, "t", &s.to_be_bytes());
-                StoredLeaf { seq: s, digest: rec.payload_digest, record: rec.encode().expect("encodes") }
-            })
-            .collect();
-        store.append_leaves(&leaves).expect("append");
-        let hashes: Vec<Hash> = leaves.iter().map(|l| notary_proof::hash::leaf_hash(&l.record)).collect();
-        let mut mem = tree::MemoryTree::new();
-        hashes.iter().for_each(|h| mem.append(*h));
-        let root = BatchTree::new(&hashes).expect("tree").root();
-        let batch = BatchRecord { number: 0, first_seq: 0, size: 100, root, sealed_at_ms: 0 };
-        let log_nodes = store.nodes_after_append(0, batch.leaf_hash()).expect("nodes");
-        store.seal(&batch, &mem.perfect_nodes(BATCH_NODE_MIN_LEVEL), &log_nodes, "n").expect("seal");
+        let hashes = persist_leaves(&mut store, 0, 100);
+        let batch = seal(&mut store, 0, 0, &hashes);
         // Leaves 0..64 form a stored perfect node; paths for leaves 64..100
         // use that node and never read the damaged leaf.
         store.conn.execute("UPDATE leaves SET record = x'00' WHERE seq = 10", []).expect("damage");
