@@ -210,9 +210,9 @@ mod tests {
 
     #[test]
     fn appends_chains_and_is_idempotent() {
-        let dir = tempdir();
+        let dir = tempfile::tempdir().expect("temp dir");
         let signer = NoteSigner::new("test/log", [1; 32]).expect("signer");
-        let ledger = LocalLedger::open(&dir.join("ledger.sqlite")).expect("opens");
+        let ledger = LocalLedger::open(&dir.path().join("ledger.sqlite")).expect("opens");
         let r1 = ledger.anchor(&note(&signer, 1), 10).expect("anchors");
         let r2 = ledger.anchor(&note(&signer, 2), 11).expect("anchors");
         let again = ledger.anchor(&note(&signer, 1), 99).expect("idempotent");
@@ -227,8 +227,8 @@ mod tests {
 
     #[test]
     fn two_writers_never_fork_the_chain() {
-        let dir = tempdir();
-        let path = dir.join("ledger.sqlite");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("ledger.sqlite");
         let signer = NoteSigner::new("test/log", [1; 32]).expect("signer");
         let a = LocalLedger::open(&path).expect("opens");
         let b = LocalLedger::open(&path).expect("opens");
@@ -262,8 +262,8 @@ mod tests {
 
     #[test]
     fn verify_detects_a_rewritten_entry() {
-        let dir = tempdir();
-        let path = dir.join("ledger.sqlite");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("ledger.sqlite");
         let signer = NoteSigner::new("test/log", [1; 32]).expect("signer");
         let ledger = LocalLedger::open(&path).expect("opens");
         for i in 1..=3 {
@@ -273,18 +273,5 @@ mod tests {
         conn.execute("UPDATE ledger_entries SET anchored_at_ms = 77 WHERE idx = 1", []).expect("tamper");
         let err = ledger.verify(&signer.verifier(), |_| Ok(())).expect_err("tampered");
         assert!(err.contains("entry 1"), "{err}");
-    }
-
-    fn tempdir() -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "notary-ledger-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0)
-        ));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        dir
     }
 }

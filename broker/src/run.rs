@@ -92,7 +92,6 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
             max_batch_size: cfg.log.max_batch_size,
             max_batch_age_ms: cfg.log.max_batch_age_ms,
         },
-        queue_capacity: cfg.ingest.queue_capacity,
     };
     let pipeline = Pipeline::start(&pipeline_cfg, intake, inlets, outbox, signer, vec![ledger])?;
     let api = http::Api { proofs: pipeline.proofs.clone(), metrics: pipeline.metrics.clone() };

@@ -20,7 +20,7 @@ use rumqttd::protocol::{Packet, Publish};
 use rumqttd::{Broker, Config, ConnectionSettings, Notification, RouterConfig, ServerSettings};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 
 /// Publishes queued by the pipeline and not yet handed to rumqttd.
@@ -194,9 +194,6 @@ struct LinkOutbox {
 
 impl Outbox for LinkOutbox {
     fn publish(&self, topic: &str, payload: Vec<u8>, retain: bool) -> bool {
-        match self.tx.try_send(Out { topic: topic.to_owned(), payload, retain }) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
-        }
+        self.tx.try_send(Out { topic: topic.to_owned(), payload, retain }).is_ok()
     }
 }

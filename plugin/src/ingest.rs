@@ -14,7 +14,7 @@ use crate::source::{now_ms, Closed, Message, Sink};
 use crate::store::{Store, StoredLeaf};
 use notary_proof::LeafRecord;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -161,20 +161,5 @@ fn persist(store: &mut Store, leaves: &[StoredLeaf]) {
         tracing::error!(error = %e, count = leaves.len(), "cannot persist leaves; retrying");
         std::thread::sleep(delay);
         delay = (delay * 2).min(Duration::from_secs(5));
-    }
-}
-
-/// Waits on a receiver until `deadline_ms` (or forever).
-pub(crate) fn recv_until<T>(rx: &Receiver<T>, deadline_ms: Option<u64>) -> Result<Option<T>, ()> {
-    match deadline_ms {
-        None => rx.recv().map(Some).map_err(|_| ()),
-        Some(d) => {
-            let wait = Duration::from_millis(d.saturating_sub(now_ms()));
-            match rx.recv_timeout(wait) {
-                Ok(v) => Ok(Some(v)),
-                Err(RecvTimeoutError::Timeout) => Ok(None),
-                Err(RecvTimeoutError::Disconnected) => Err(()),
-            }
-        }
     }
 }

@@ -47,8 +47,6 @@ const PROOF_QUEUE: usize = 1024;
 pub struct PipelineConfig {
     pub data_dir: PathBuf,
     pub policy: BatchPolicy,
-    /// Messages between the source and ingest.
-    pub queue_capacity: usize,
 }
 
 /// The channels a pipeline reads; created before the source so the source

@@ -9,7 +9,6 @@
 //! point loses nothing that ingest persisted.
 
 use crate::batcher::{BatchPolicy, Batcher};
-use crate::ingest::recv_until;
 use crate::metrics::Metrics;
 use crate::source::{now_ms, Outbox};
 use crate::store::{Store, StoreError};
@@ -17,8 +16,9 @@ use notary_anchor::Anchor;
 use notary_proof::tree::{self, NodeSource};
 use notary_proof::{BatchRecord, BatchTree, Checkpoint, Hash, NoteSigner};
 use std::collections::VecDeque;
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
+use std::time::Duration;
 
 pub const CHECKPOINT_TOPIC: &str = "notary/checkpoint";
 /// Wait between anchoring retries while a ledger fails.
@@ -214,6 +214,21 @@ impl NodeSource for Overlay<'_> {
         match self.extra.iter().find(|(l, i, _)| *l == level && *i == index) {
             Some((_, _, h)) => Ok(*h),
             None => self.store.log_node(level, index),
+        }
+    }
+}
+
+/// Waits on a receiver until `deadline_ms` (or forever).
+fn recv_until<T>(rx: &Receiver<T>, deadline_ms: Option<u64>) -> Result<Option<T>, ()> {
+    match deadline_ms {
+        None => rx.recv().map(Some).map_err(|_| ()),
+        Some(d) => {
+            let wait = Duration::from_millis(d.saturating_sub(now_ms()));
+            match rx.recv_timeout(wait) {
+                Ok(v) => Ok(Some(v)),
+                Err(RecvTimeoutError::Timeout) => Ok(None),
+                Err(RecvTimeoutError::Disconnected) => Err(()),
+            }
         }
     }
 }
