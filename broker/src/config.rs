@@ -17,6 +17,50 @@ pub struct Config {
     pub http: HttpConfig,
     pub log: LogConfig,
     pub ingest: IngestConfig,
+    pub devices: DevicesConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DevicesConfig {
+    pub require_signature: Vec<String>,
+    pub max_envelope_bytes: usize,
+    pub enrolment_file: Option<PathBuf>,
+}
+
+impl Default for DevicesConfig {
+    fn default() -> Self {
+        let p = notary_plugin::DevicePolicy::default();
+        DevicesConfig {
+            require_signature: p.require_signature,
+            max_envelope_bytes: p.max_envelope_bytes,
+            enrolment_file: None,
+        }
+    }
+}
+
+impl DevicesConfig {
+    pub fn policy(&self) -> notary_plugin::DevicePolicy {
+        notary_plugin::DevicePolicy {
+            require_signature: self.require_signature.clone(),
+            max_envelope_bytes: self.max_envelope_bytes,
+        }
+    }
+}
+
+/// An enrolment file: `[[device]]` tables with `id` and `public_key`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrolmentFile {
+    #[serde(default)]
+    pub device: Vec<notary_plugin::registry::EnrolmentEntry>,
+}
+
+impl EnrolmentFile {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -59,6 +103,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             log: LogConfig::default(),
             ingest: IngestConfig::default(),
+            devices: DevicesConfig::default(),
         }
     }
 }
@@ -124,6 +169,16 @@ impl Config {
         }
         if self.mqtt.backlog_segment_bytes < 1024 || self.mqtt.backlog_segment_count == 0 {
             bail!("mqtt.backlog_segment_bytes must be at least 1024 and backlog_segment_count at least 1");
+        }
+        for f in &self.devices.require_signature {
+            if !notary_plugin::registry::valid_topic_filter(f) {
+                bail!("devices.require_signature: {f:?} is not a valid MQTT topic filter");
+            }
+        }
+        if self.devices.max_envelope_bytes == 0
+            || self.devices.max_envelope_bytes > self.mqtt.max_payload_bytes
+        {
+            bail!("devices.max_envelope_bytes must be between 1 and mqtt.max_payload_bytes");
         }
         if self.log.origin.contains(['+', ' ', '\t', '\n']) {
             bail!("log.origin must not contain '+' or whitespace");

@@ -1,10 +1,12 @@
 //! `mqtt-notary`: an MQTT broker that makes every message provable.
 //!
 //! Exit codes: `run` 0 after a clean shutdown, 2 on a start-up error;
-//! `verify` and `ledger verify` 0 valid, 1 invalid, 2 usage or I/O error.
+//! `verify` and `ledger verify` 0 valid, 1 invalid, 2 usage or I/O error;
+//! `device ...` 0 done, 2 refused or failed.
 #![forbid(unsafe_code)]
 
 mod config;
+mod device;
 mod run;
 mod verify;
 
@@ -56,6 +58,76 @@ enum Command {
         #[command(subcommand)]
         command: LedgerCommand,
     },
+    /// Device keys, the device registry, and signed publishing.
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// Create a device key: writes the private key to FILE (mode 0600),
+    /// prints the public key in hex.
+    Keygen {
+        id: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Enrol a device with its public key.
+    Add {
+        id: String,
+        /// The ed25519 public key, 64 hex digits.
+        #[arg(long)]
+        public_key: String,
+        #[arg(long, default_value = "./notary-data")]
+        data_dir: PathBuf,
+    },
+    /// List enrolled devices, and queued or refused changes.
+    List {
+        #[arg(long, default_value = "./notary-data")]
+        data_dir: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a device's key: its envelopes are rejected from then on.
+    Revoke {
+        id: String,
+        #[arg(long, default_value = "./notary-data")]
+        data_dir: PathBuf,
+    },
+    /// Replace a device's key; messages signed before stay valid.
+    Rotate {
+        id: String,
+        #[arg(long)]
+        public_key: String,
+        #[arg(long, default_value = "./notary-data")]
+        data_dir: PathBuf,
+    },
+    /// Sign a message as a device (next counter) and publish it at QoS 1.
+    Publish {
+        #[arg(long)]
+        id: String,
+        /// The device key file (from `device keygen`).
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        topic: String,
+        #[arg(long, conflicts_with = "file", required_unless_present = "file")]
+        message: Option<String>,
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// The broker, HOST:PORT.
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        mqtt: String,
+        /// Content type of the message, signed into the envelope.
+        #[arg(long, default_value = "application/octet-stream")]
+        content_type: String,
+        /// Counter state file; defaults to KEY.counter.
+        #[arg(long)]
+        state: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -88,6 +160,32 @@ fn main() -> ExitCode {
         Command::Verify { bundle, payload, broker_key } => verify::bundle(&bundle, &payload, &broker_key),
         Command::Ledger { command: LedgerCommand::Verify { data_dir, broker_key } } => {
             verify::ledger(&data_dir, broker_key.as_deref())
+        }
+        Command::Device { command } => device::exit(run_device(command)),
+    }
+}
+
+fn run_device(command: DeviceCommand) -> anyhow::Result<()> {
+    use notary_proof::RegistryAction;
+    match command {
+        DeviceCommand::Keygen { id, out } => device::keygen(&id, &out),
+        DeviceCommand::Add { id, public_key, data_dir } => {
+            device::change(&data_dir, RegistryAction::Enrol, &id, Some(&public_key))
+        }
+        DeviceCommand::List { data_dir, json } => device::list(&data_dir, json),
+        DeviceCommand::Revoke { id, data_dir } => {
+            device::change(&data_dir, RegistryAction::Revoke, &id, None)
+        }
+        DeviceCommand::Rotate { id, public_key, data_dir } => {
+            device::change(&data_dir, RegistryAction::Rotate, &id, Some(&public_key))
+        }
+        DeviceCommand::Publish { id, key, topic, message, file, mqtt, content_type, state } => {
+            let payload = match (message, file) {
+                (Some(m), _) => m.into_bytes(),
+                (None, Some(f)) => std::fs::read(&f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?,
+                (None, None) => anyhow::bail!("give --message or --file"),
+            };
+            device::publish(device::Publish { id, key, topic, payload, content_type, mqtt, state })
         }
     }
 }

@@ -1,7 +1,7 @@
 //! `mqtt-notary run`: wires the embedded broker, the pipeline, the ledger
 //! and the HTTP API, and shuts them down in order on SIGINT/SIGTERM.
 
-use crate::config::Config;
+use crate::config::{Config, EnrolmentFile};
 use anyhow::Context as _;
 use notary_anchor::{Anchor, LocalLedger};
 use notary_plugin::embedded::{self, EmbeddedSettings};
@@ -65,6 +65,14 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
     let signer = keys::load_or_create(dir, origin)?;
     tracing::info!(log = signer.name(), key = %dir.join(keys::PUB_FILE).display(), "checkpoint key");
     let ledger: Arc<dyn Anchor> = Arc::new(LocalLedger::open(&dir.join(LEDGER_FILE))?);
+    if let Some(file) = &cfg.devices.enrolment_file {
+        let entries = EnrolmentFile::load(file)?.device;
+        let store = notary_plugin::store::Store::open(dir)?;
+        let queued =
+            notary_plugin::registry::queue_enrolments(&store, &entries, notary_plugin::source::now_ms())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        tracing::info!(file = %file.display(), devices = entries.len(), queued, "enrolment file read");
+    }
 
     let (intake, inlets) = notary_plugin::inlets(cfg.ingest.queue_capacity);
     let settings = EmbeddedSettings {
@@ -92,6 +100,7 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
             max_batch_size: cfg.log.max_batch_size,
             max_batch_age_ms: cfg.log.max_batch_age_ms,
         },
+        devices: cfg.devices.policy(),
     };
     let pipeline = Pipeline::start(&pipeline_cfg, intake, inlets, outbox, signer, vec![ledger])?;
     let api = http::Api { proofs: pipeline.proofs.clone(), metrics: pipeline.metrics.clone() };

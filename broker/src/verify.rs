@@ -62,6 +62,18 @@ fn print_verified(v: &Verified) {
     println!("  topic:       {}", v.leaf.topic);
     println!("  received:    {} ({} ms)", rfc3339(v.leaf.received_at_ms), v.leaf.received_at_ms);
     println!("  assurance:   {}", v.leaf.assurance.as_str());
+    if let Some(d) = &v.device {
+        println!("  device:      {}", d.device_id);
+        println!("  counter:     {}", d.counter);
+        println!("  device time: {} ({} ms)", rfc3339(d.device_time_ms), d.device_time_ms);
+        println!("  content:     {}", d.content_type);
+        println!("  device key:  {} (enrolled at sequence {})", hex::encode(d.public_key), d.key_seq);
+        if let Some((action, seq)) = d.superseded {
+            println!("  key status:  {} at sequence {seq}, after this message", action.as_str());
+        } else {
+            println!("  key status:  valid at the checkpoint");
+        }
+    }
     println!("  sequence:    {}", v.leaf.seq);
     println!("  payload:     {} bytes, BLAKE3 {}", v.leaf.payload_len, hex::encode(v.leaf.payload_digest));
     println!(

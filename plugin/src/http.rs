@@ -64,6 +64,10 @@ async fn proofs(State(api): State<Api>, Path(digest): Path<String>) -> Response 
         Ok(Ok(ProofAnswer::Pending)) => {
             (StatusCode::ACCEPTED, Json(json!({"status": "pending"}))).into_response()
         }
+        Ok(Ok(ProofAnswer::Rejected(r))) => {
+            (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({"status": "rejected", "rejections": r})))
+                .into_response()
+        }
         Ok(Ok(ProofAnswer::Unknown)) => {
             error(StatusCode::NOT_FOUND, "not_found", "no message with this digest was notarized")
         }

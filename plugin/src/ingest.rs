@@ -1,5 +1,9 @@
-//! Ingest: takes messages from a source, persists them as leaves with group
-//! commit, and hands their hashes to the sealer.
+//! Ingest: takes messages from a source, judges each one (plain payload,
+//! device envelope, or rejected), persists leaves and rejections with group
+//! commit, and hands leaf hashes to the sealer.
+//!
+//! Signatures are checked here, on the pipeline's own threads, in ed25519
+//! batches spread over the cores; rumqttd's router never waits for them.
 //!
 //! Queue policy: the queue between source and ingest is bounded. When it is
 //! full, `deliver` blocks, so the source stops reading: the embedded broker
@@ -9,14 +13,18 @@
 //! behind ingest; when that queue is full they are dropped and counted.
 
 use crate::metrics::Metrics;
+use crate::registry::{DevicePolicy, Lookup, Registry};
 use crate::sealer::SealerMsg;
-use crate::source::{now_ms, Closed, Message, Sink};
-use crate::store::{Store, StoredLeaf};
-use notary_proof::LeafRecord;
+use crate::source::{now_ms, Closed, Message, Outbox, Sink};
+use crate::store::{Commit, RegistryChange, Rejection, Store, StoredLeaf};
+use ed25519_dalek::VerifyingKey;
+use notary_proof::envelope::{self, is_envelope, BATCH_SIZE};
+use notary_proof::{DeviceFields, Envelope, EnvelopeError, LeafRecord};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Topics under this prefix belong to mqtt-notary and are never notarized.
 pub const OWN_PREFIX: &str = "notary/";
@@ -100,66 +108,326 @@ impl Sink for Intake {
     }
 }
 
-/// The ingest loop; returns when every sender is gone and the queue is empty.
-pub(crate) fn run(
-    rx: Receiver<IngestItem>,
-    mut store: Store,
-    mut next_seq: u64,
-    sealer: SyncSender<SealerMsg>,
-    metrics: Arc<Metrics>,
-) {
-    let mut group: Vec<IngestItem> = Vec::with_capacity(MAX_GROUP);
-    while let Ok(first) = rx.recv() {
-        group.push(first);
-        while group.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(item) => group.push(item),
-                Err(_) => break,
+/// Rejection events are published here as JSON (docs/PROTOCOL.md §Rejections).
+pub const REJECTIONS_TOPIC: &str = "notary/rejections";
+/// How often queued registry commands are picked up.
+const REGISTRY_POLL: Duration = Duration::from_millis(200);
+/// Rejections logged one by one per group; the rest are summed up.
+const REJECTIONS_LOGGED: usize = 10;
+
+/// Ingest: the log's only writer. Judges each message (plain, signed,
+/// rejected), assigns sequence numbers, applies registry commands between
+/// groups, and commits each group in one transaction.
+pub(crate) struct Ingest {
+    pub store: Store,
+    pub next_seq: u64,
+    pub registry: Registry,
+    pub policy: DevicePolicy,
+    pub sealer: SyncSender<SealerMsg>,
+    pub outbox: Arc<dyn Outbox>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// A message after its first look, before signatures are checked.
+enum Judged {
+    Plain(Message),
+    Signed { msg: Message, env: Box<Envelope>, key: VerifyingKey, key_seq: u64 },
+    Rejected(Rejection),
+    Gap { missed: u64, at_ms: u64 },
+}
+
+fn rejection(msg: &Message, reason: &'static str, detail: String, device: Option<String>) -> Rejection {
+    Rejection {
+        received_at_ms: msg.received_at_ms,
+        topic: msg.topic.clone(),
+        digest: *blake3::hash(&msg.payload).as_bytes(),
+        payload_len: msg.payload.len() as u64,
+        reason,
+        detail,
+        device,
+    }
+}
+
+impl Ingest {
+    /// Runs until every sender is gone and the queue is empty.
+    pub fn run(mut self, rx: Receiver<IngestItem>) {
+        let mut group: Vec<IngestItem> = Vec::with_capacity(MAX_GROUP);
+        let mut last_poll: Option<Instant> = None;
+        loop {
+            if last_poll.is_none_or(|t| t.elapsed() >= REGISTRY_POLL) {
+                self.apply_commands();
+                last_poll = Some(Instant::now());
+            }
+            match rx.recv_timeout(REGISTRY_POLL) {
+                Ok(first) => group.push(first),
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            while group.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(item) => group.push(item),
+                    Err(_) => break,
+                }
+            }
+            let taken = group.len() as i64;
+            self.process(group.drain(..));
+            self.metrics.queue_depth.fetch_sub(taken, Relaxed);
+        }
+        tracing::debug!("ingest drained");
+    }
+
+    /// Applies queued registry commands, each as a registry leaf.
+    fn apply_commands(&mut self) {
+        let commands = match self.store.commands(false) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read queued device commands");
+                return;
+            }
+        };
+        if commands.is_empty() {
+            return;
+        }
+        let mut commit = Commit::default();
+        for cmd in commands {
+            let planned = self.registry.plan(&cmd).and_then(|event| {
+                let leaf =
+                    LeafRecord::registry(self.next_seq, now_ms(), &event).map_err(|e| e.to_string())?;
+                let record = leaf.encode().map_err(|e| e.to_string())?;
+                Ok((event, leaf.payload_digest, record))
+            });
+            match planned {
+                Ok((event, digest, record)) => {
+                    let seq = self.next_seq;
+                    tracing::info!(device = %event.device_id, action = event.action.as_str(), seq, "device registry changed");
+                    self.registry.apply(seq, &event);
+                    commit.leaves.push(StoredLeaf { seq, digest, record });
+                    commit.registry.push(RegistryChange { seq, event, command: Some(cmd.id) });
+                    self.next_seq += 1;
+                }
+                Err(reason) => {
+                    tracing::warn!(device = %cmd.device, action = cmd.action.as_str(), %reason, "device command refused");
+                    commit.refused.push((cmd.id, reason));
+                }
             }
         }
-        let taken = group.len() as i64;
-        let mut leaves = Vec::with_capacity(group.len());
-        for item in group.drain(..) {
-            match item {
-                IngestItem::Message(m) => {
-                    let leaf = LeafRecord::broker_received(next_seq, m.received_at_ms, &m.topic, &m.payload);
-                    let Ok(record) = leaf.encode() else {
-                        // MQTT topics are at most 65,535 bytes, so this cannot happen.
-                        tracing::error!(
-                            topic_len = m.topic.len(),
-                            "topic too long to encode; message rejected"
-                        );
-                        continue;
-                    };
-                    leaves.push(StoredLeaf { seq: next_seq, digest: leaf.payload_digest, record });
-                    next_seq += 1;
+        self.persist(&commit);
+        self.hand_to_sealer(&commit.leaves);
+    }
+
+    fn judge(&self, msg: Message) -> Judged {
+        if !is_envelope(&msg.payload) {
+            if self.policy.requires_signature(&msg.topic) {
+                let r = rejection(
+                    &msg,
+                    "signature-required",
+                    "this topic accepts only signed envelopes".into(),
+                    None,
+                );
+                return Judged::Rejected(r);
+            }
+            return Judged::Plain(msg);
+        }
+        if msg.payload.len() > self.policy.max_envelope_bytes {
+            let detail = format!(
+                "envelope of {} bytes; the limit is {}",
+                msg.payload.len(),
+                self.policy.max_envelope_bytes
+            );
+            return Judged::Rejected(rejection(&msg, "oversize", detail, None));
+        }
+        let env = match Envelope::parse(&msg.payload, &msg.topic) {
+            Ok(env) => env,
+            Err(e) => return Judged::Rejected(rejection(&msg, e.code(), e.to_string(), None)),
+        };
+        match self.registry.lookup(&env.device_id) {
+            Lookup::Unknown => {
+                let device = Some(env.device_id);
+                Judged::Rejected(rejection(
+                    &msg,
+                    "unknown-device",
+                    "no such device is enrolled".into(),
+                    device,
+                ))
+            }
+            Lookup::Revoked => {
+                let device = Some(env.device_id);
+                Judged::Rejected(rejection(
+                    &msg,
+                    "revoked-device",
+                    "the device's key is revoked".into(),
+                    device,
+                ))
+            }
+            Lookup::Active { key, key_seq, .. } => {
+                Judged::Signed { key: *key, key_seq, msg, env: Box::new(env) }
+            }
+        }
+    }
+
+    fn process(&mut self, items: impl Iterator<Item = IngestItem>) {
+        let judged: Vec<Judged> = items
+            .map(|item| match item {
+                IngestItem::Message(m) => self.judge(m),
+                IngestItem::Gap { missed, at_ms } => Judged::Gap { missed, at_ms },
+            })
+            .collect();
+        let signed: Vec<(&Envelope, &VerifyingKey)> = judged
+            .iter()
+            .filter_map(|j| match j {
+                Judged::Signed { env, key, .. } => Some((&**env, key)),
+                _ => None,
+            })
+            .collect();
+        let mut valid = verify_parallel(&signed).into_iter();
+        drop(signed);
+
+        let mut commit = Commit::default();
+        let mut counters: HashMap<String, u64> = HashMap::new();
+        for j in judged {
+            let (msg, leaf) = match j {
+                Judged::Plain(msg) => {
+                    let leaf = LeafRecord::broker_received(
+                        self.next_seq,
+                        msg.received_at_ms,
+                        &msg.topic,
+                        &msg.payload,
+                    );
+                    (msg, leaf)
                 }
-                IngestItem::Gap { missed, at_ms } => {
-                    if let Err(e) = store.record_gap(at_ms, missed, next_seq) {
-                        tracing::error!(error = %e, missed, "could not record gap");
+                Judged::Signed { msg, env, key_seq, .. } => {
+                    let device = Some(env.device_id.clone());
+                    if valid.next() != Some(true) {
+                        commit.rejections.push(rejection(
+                            &msg,
+                            "bad-signature",
+                            EnvelopeError::BadSignature.to_string(),
+                            device,
+                        ));
+                        continue;
+                    }
+                    let last = match self.registry.lookup(&env.device_id) {
+                        Lookup::Active { last_counter, .. } => last_counter,
+                        _ => None,
+                    };
+                    if last.is_some_and(|last| env.counter <= last) {
+                        let detail = format!(
+                            "counter {} is not above {}, the last accepted",
+                            env.counter,
+                            last.unwrap_or(0)
+                        );
+                        commit.rejections.push(rejection(&msg, "replay", detail, device));
+                        continue;
+                    }
+                    let fields = DeviceFields {
+                        key_seq,
+                        counter: env.counter,
+                        device_time_ms: env.device_time_ms,
+                        device_id: env.device_id.clone(),
+                    };
+                    match LeafRecord::device_signed(
+                        self.next_seq,
+                        msg.received_at_ms,
+                        &msg.topic,
+                        &msg.payload,
+                        &fields,
+                    ) {
+                        Ok(leaf) => {
+                            self.registry.set_counter(&env.device_id, env.counter);
+                            counters.insert(env.device_id, env.counter);
+                            (msg, leaf)
+                        }
+                        Err(e) => {
+                            commit.rejections.push(rejection(
+                                &msg,
+                                "malformed-envelope",
+                                e.to_string(),
+                                device,
+                            ));
+                            continue;
+                        }
                     }
                 }
+                Judged::Rejected(r) => {
+                    commit.rejections.push(r);
+                    continue;
+                }
+                Judged::Gap { missed, at_ms } => {
+                    if let Err(e) = self.store.record_gap(at_ms, missed, self.next_seq) {
+                        tracing::error!(error = %e, missed, "could not record gap");
+                    }
+                    continue;
+                }
+            };
+            let Ok(record) = leaf.encode() else {
+                // MQTT topics are at most 65,535 bytes, so this cannot happen.
+                tracing::error!(topic_len = msg.topic.len(), "topic too long to encode; message dropped");
+                continue;
+            };
+            commit.leaves.push(StoredLeaf { seq: self.next_seq, digest: leaf.payload_digest, record });
+            self.next_seq += 1;
+        }
+        commit.counters = counters.into_iter().collect();
+        if commit.is_empty() {
+            return;
+        }
+        self.persist(&commit);
+        Metrics::add(&self.metrics.messages_notarized_total, commit.leaves.len() as u64);
+        self.hand_to_sealer(&commit.leaves);
+        self.announce(&commit.rejections);
+    }
+
+    /// Logs, counts and publishes rejections (after they are stored).
+    fn announce(&self, rejections: &[Rejection]) {
+        for (i, r) in rejections.iter().enumerate() {
+            self.metrics.count_rejection(r.reason);
+            if i < REJECTIONS_LOGGED {
+                tracing::warn!(topic = %r.topic, reason = r.reason, detail = %r.detail, device = ?r.device, "message rejected");
+            }
+            let event = serde_json::to_vec(r).unwrap_or_default();
+            if !self.outbox.publish(REJECTIONS_TOPIC, event, false) {
+                Metrics::inc(&self.metrics.outbox_dropped_total);
             }
         }
-        persist(&mut store, &leaves);
-        metrics.queue_depth.fetch_sub(taken, Relaxed);
-        Metrics::add(&metrics.messages_notarized_total, leaves.len() as u64);
+        if rejections.len() > REJECTIONS_LOGGED {
+            tracing::warn!(
+                more = rejections.len() - REJECTIONS_LOGGED,
+                "further messages rejected in this group"
+            );
+        }
+    }
+
+    fn hand_to_sealer(&self, leaves: &[StoredLeaf]) {
         let hashes =
             leaves.iter().map(|l| (l.seq, notary_proof::hash::leaf_hash(&l.record))).collect::<Vec<_>>();
-        if !hashes.is_empty() && sealer.send(SealerMsg::Leaves(hashes)).is_err() {
+        if !hashes.is_empty() && self.sealer.send(SealerMsg::Leaves(hashes)).is_err() {
             tracing::error!("sealer is gone; persisted leaves will be sealed at next start");
         }
     }
-    tracing::debug!("ingest drained");
+
+    /// Commits, retrying until the store takes it: a message that was
+    /// accepted must not be dropped because the disk was briefly full.
+    fn persist(&mut self, commit: &Commit) {
+        let mut delay = Duration::from_millis(10);
+        while let Err(e) = self.store.commit(commit) {
+            tracing::error!(error = %e, leaves = commit.leaves.len(), "cannot persist; retrying");
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
 }
 
-/// Commits leaves, retrying until the store takes them: a leaf that was
-/// accepted must not be dropped because the disk was briefly full.
-fn persist(store: &mut Store, leaves: &[StoredLeaf]) {
-    let mut delay = Duration::from_millis(10);
-    while let Err(e) = store.append_leaves(leaves) {
-        tracing::error!(error = %e, count = leaves.len(), "cannot persist leaves; retrying");
-        std::thread::sleep(delay);
-        delay = (delay * 2).min(Duration::from_secs(5));
+/// Verifies envelopes on every core: in ed25519 batches, split across
+/// scoped threads when there are enough of them.
+fn verify_parallel(items: &[(&Envelope, &VerifyingKey)]) -> Vec<bool> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+    if threads == 1 || items.len() < 2 * BATCH_SIZE {
+        return envelope::verify_batch(items);
     }
+    let per = items.len().div_ceil(threads).next_multiple_of(BATCH_SIZE);
+    std::thread::scope(|s| {
+        let handles: Vec<_> =
+            items.chunks(per).map(|c| (c.len(), s.spawn(move || envelope::verify_batch(c)))).collect();
+        handles.into_iter().flat_map(|(n, h)| h.join().unwrap_or_else(|_| vec![false; n])).collect()
+    })
 }

@@ -60,7 +60,8 @@ pub fn load_or_create(data_dir: &Path, origin: Option<&str>) -> Result<NoteSigne
     Ok(signer)
 }
 
-fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+/// Writes a new secret file (mode 0600 on Unix); refuses to overwrite one.
+pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]

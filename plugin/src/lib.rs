@@ -19,12 +19,14 @@ pub mod keys;
 pub mod metrics;
 pub mod mqtt_api;
 pub mod proofs;
+pub mod registry;
 mod sealer;
 pub mod source;
 pub mod store;
 
 pub use batcher::BatchPolicy;
-pub use ingest::{Intake, OWN_PREFIX, PROOF_REQUEST_TOPIC};
+pub use ingest::{Intake, OWN_PREFIX, PROOF_REQUEST_TOPIC, REJECTIONS_TOPIC};
+pub use registry::DevicePolicy;
 pub use sealer::CHECKPOINT_TOPIC;
 
 use metrics::Metrics;
@@ -47,6 +49,7 @@ const PROOF_QUEUE: usize = 1024;
 pub struct PipelineConfig {
     pub data_dir: PathBuf,
     pub policy: BatchPolicy,
+    pub devices: DevicePolicy,
 }
 
 /// The channels a pipeline reads; created before the source so the source
@@ -109,11 +112,16 @@ impl Pipeline {
         let spawn =
             |name: &str, f: Box<dyn FnOnce() + Send>| std::thread::Builder::new().name(name.into()).spawn(f);
         threads.push(spawn("notary-sealer", Box::new(move || sealer.run(seal_rx, recovered)))?);
-        let m = metrics.clone();
-        threads.push(spawn(
-            "notary-ingest",
-            Box::new(move || ingest::run(ingest_rx, ingest_store, next_seq, seal_tx, m)),
-        )?);
+        let ingest = ingest::Ingest {
+            registry: registry::Registry::load(&ingest_store)?,
+            store: ingest_store,
+            next_seq,
+            policy: cfg.devices.clone(),
+            sealer: seal_tx,
+            outbox: outbox.clone(),
+            metrics: metrics.clone(),
+        };
+        threads.push(spawn("notary-ingest", Box::new(move || ingest.run(ingest_rx)))?);
         let proof_rx = Arc::new(Mutex::new(proof_rx));
         for i in 0..PROOF_WORKERS {
             let (rx, p, o, m) = (proof_rx.clone(), proofs.clone(), outbox.clone(), metrics.clone());

@@ -1,5 +1,6 @@
 //! Counters exposed at `/metrics` in the Prometheus text format.
 
+use crate::registry::REASONS;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
@@ -10,6 +11,8 @@ macro_rules! metrics {
             $( pub $field: AtomicU64, )*
             /// Messages delivered by the source and not yet persisted.
             pub queue_depth: AtomicI64,
+            /// Rejected messages, per reason (`registry::REASONS`).
+            pub rejected: [AtomicU64; REASONS.len()],
         }
 
         impl Metrics {
@@ -23,6 +26,11 @@ macro_rules! metrics {
                 let _ = writeln!(out, "# HELP notary_queue_depth Messages received and not yet persisted.");
                 let _ = writeln!(out, "# TYPE notary_queue_depth gauge");
                 let _ = writeln!(out, "notary_queue_depth {}", self.queue_depth.load(Relaxed).max(0));
+                let _ = writeln!(out, "# HELP notary_messages_rejected_total Messages rejected, by reason.");
+                let _ = writeln!(out, "# TYPE notary_messages_rejected_total counter");
+                for (reason, n) in REASONS.iter().zip(&self.rejected) {
+                    let _ = writeln!(out, "notary_messages_rejected_total{{reason=\"{reason}\"}} {}", n.load(Relaxed));
+                }
                 out
             }
         }
@@ -52,5 +60,10 @@ impl Metrics {
     }
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
+    }
+    pub fn count_rejection(&self, reason: &str) {
+        if let Some(i) = REASONS.iter().position(|r| *r == reason) {
+            self.rejected[i].fetch_add(1, Relaxed);
+        }
     }
 }

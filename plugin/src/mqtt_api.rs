@@ -80,6 +80,7 @@ pub fn answer(payload: &[u8], proofs: &ProofService) -> (String, Value) {
     let body = match proofs.lookup(&digest) {
         Ok(ProofAnswer::Ready(bundles)) => json!({"id": id, "status": "ok", "bundles": bundles}),
         Ok(ProofAnswer::Pending) => json!({"id": id, "status": "pending"}),
+        Ok(ProofAnswer::Rejected(r)) => json!({"id": id, "status": "rejected", "rejections": r}),
         Ok(ProofAnswer::Unknown) => error(&id, "not_found", "no message with this digest was notarized"),
         Err(e) => {
             tracing::error!(error = %e, "proof lookup failed");

@@ -1,8 +1,8 @@
 //! The proof service: builds proof bundles for a payload digest from the
 //! store. Shared by the MQTT and HTTP front ends; read-only.
 
-use crate::store::{Store, StoreError};
-use notary_proof::{ProofBundle, BUNDLE_FORMAT};
+use crate::store::{Rejection, Store, StoreError};
+use notary_proof::{BatchRecord, KeyEvidence, LeafProof, LeafRecord, ProofBundle, BUNDLE_FORMAT};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -15,6 +15,8 @@ pub enum ProofAnswer {
     Ready(Vec<ProofBundle>),
     /// Known, but its batch is not sealed or not anchored yet.
     Pending,
+    /// Never notarized: received and rejected, for these reasons.
+    Rejected(Vec<Rejection>),
     /// No leaf has this digest.
     Unknown,
 }
@@ -46,7 +48,12 @@ impl ProofService {
         let store = self.store()?;
         let leaves = store.leaves_by_digest(digest, MAX_BUNDLES)?;
         if leaves.is_empty() {
-            return Ok(ProofAnswer::Unknown);
+            let rejections = store.rejections_by_digest(digest, MAX_BUNDLES)?;
+            return Ok(if rejections.is_empty() {
+                ProofAnswer::Unknown
+            } else {
+                ProofAnswer::Rejected(rejections)
+            });
         }
         let mut bundles = Vec::new();
         for leaf in leaves {
@@ -57,17 +64,18 @@ impl ProofService {
             if receipts.is_empty() {
                 continue;
             }
-            let leaf_index = leaf.seq - batch.first_seq;
-            let batch_path = store.batch_path(&batch, leaf_index)?;
+            let device_key = key_evidence(&store, &leaf.record, &batch)?;
+            let p = leaf_proof(&store, leaf.seq, leaf.record, &batch, size)?;
             bundles.push(ProofBundle {
                 format: BUNDLE_FORMAT.to_owned(),
-                leaf: leaf.record,
-                leaf_index,
-                batch_path,
-                batch: batch.encode(),
-                log_path: store.log_inclusion(batch.number, size)?,
+                leaf: p.leaf,
+                leaf_index: p.leaf_index,
+                batch_path: p.batch_path,
+                batch: p.batch,
+                log_path: p.log_path,
                 checkpoint,
                 receipts,
+                device_key,
             });
         }
         Ok(if bundles.is_empty() { ProofAnswer::Pending } else { ProofAnswer::Ready(bundles) })
@@ -96,6 +104,48 @@ impl ProofService {
             proof: store.log_consistency(from, to)?,
         })
     }
+}
+
+/// Proves the leaf at `seq` (in `batch`) into the log at `size`.
+fn leaf_proof(
+    store: &Store,
+    seq: u64,
+    record: Vec<u8>,
+    batch: &BatchRecord,
+    size: u64,
+) -> Result<LeafProof, StoreError> {
+    let leaf_index = seq - batch.first_seq;
+    Ok(LeafProof {
+        leaf: record,
+        leaf_index,
+        batch_path: store.batch_path(batch, leaf_index)?,
+        batch: batch.encode(),
+        log_path: store.log_inclusion(batch.number, size)?,
+    })
+}
+
+/// For a device-signed leaf: the registry leaf of its key and the device's
+/// next registry event, if the same checkpoint (the one of `batch`) holds it.
+fn key_evidence(
+    store: &Store,
+    record: &[u8],
+    batch: &BatchRecord,
+) -> Result<Option<KeyEvidence>, StoreError> {
+    let corrupt = |m: String| StoreError::Corrupt(m);
+    let leaf = LeafRecord::decode(record).map_err(|e| corrupt(format!("leaf record: {e}")))?;
+    let Some(fields) = leaf.device_fields() else { return Ok(None) };
+    let size = batch.number + 1;
+    let end_seq = batch.first_seq + batch.size;
+    let prove = |seq: u64| -> Result<LeafProof, StoreError> {
+        let l = store.leaf(seq)?.ok_or_else(|| corrupt(format!("registry leaf {seq} is missing")))?;
+        let b = store.batch_of(seq)?.ok_or_else(|| corrupt(format!("registry leaf {seq} is not sealed")))?;
+        leaf_proof(store, seq, l.record, &b, size)
+    };
+    let superseded_by = match store.registry_successor(&fields.device_id, fields.key_seq, end_seq)? {
+        Some(seq) => Some(prove(seq)?),
+        None => None,
+    };
+    Ok(Some(KeyEvidence { enrolment: prove(fields.key_seq)?, superseded_by }))
 }
 
 /// A consistency proof between two signed checkpoints of the log.

@@ -1,5 +1,6 @@
 //! The broker's SQLite store (`notary.sqlite`): leaves, batches, the log's
-//! perfect-subtree nodes, checkpoints and anchor receipts.
+//! perfect-subtree nodes, checkpoints, anchor receipts, the device registry
+//! and rejected messages.
 //!
 //! One writer connection per writing task (ingest, sealer) and separate
 //! read connections for proofs; WAL lets readers run beside writers.
@@ -7,7 +8,7 @@
 //! returns, they survive a crash of the process or the host.
 
 use notary_proof::tree::{self, NodeSource};
-use notary_proof::{BatchRecord, Hash, Receipt};
+use notary_proof::{BatchRecord, Hash, Receipt, RegistryAction, RegistryEvent};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::Path;
 
@@ -58,7 +59,42 @@ CREATE TABLE IF NOT EXISTS gaps (
     at_ms    INTEGER NOT NULL,
     missed   INTEGER NOT NULL,
     after_seq INTEGER NOT NULL
-);";
+);
+CREATE TABLE IF NOT EXISTS devices (
+    id           TEXT PRIMARY KEY,
+    public_key   BLOB,
+    key_seq      INTEGER,
+    head_seq     INTEGER NOT NULL,
+    last_counter INTEGER
+);
+CREATE TABLE IF NOT EXISTS registry_events (
+    seq      INTEGER PRIMARY KEY,
+    device   TEXT NOT NULL,
+    action   TEXT NOT NULL,
+    prev_seq INTEGER
+);
+CREATE INDEX IF NOT EXISTS registry_events_by_prev ON registry_events(device, prev_seq);
+CREATE TABLE IF NOT EXISTS device_commands (
+    id              INTEGER PRIMARY KEY,
+    action          TEXT NOT NULL,
+    device          TEXT NOT NULL,
+    public_key      BLOB,
+    source          TEXT NOT NULL,
+    requested_at_ms INTEGER NOT NULL,
+    applied_seq     INTEGER,
+    error           TEXT
+);
+CREATE TABLE IF NOT EXISTS rejections (
+    id          INTEGER PRIMARY KEY,
+    at_ms       INTEGER NOT NULL,
+    topic       TEXT NOT NULL,
+    digest      BLOB NOT NULL,
+    payload_len INTEGER NOT NULL,
+    reason      TEXT NOT NULL,
+    detail      TEXT NOT NULL,
+    device      TEXT
+);
+CREATE INDEX IF NOT EXISTS rejections_by_digest ON rejections(digest);";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -77,6 +113,96 @@ pub struct StoredLeaf {
     pub seq: u64,
     pub digest: [u8; 32],
     pub record: Vec<u8>,
+}
+
+/// A device as the registry holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRow {
+    pub id: String,
+    /// The current key; `None` once revoked.
+    pub public_key: Option<[u8; 32]>,
+    /// The registry leaf that put the current key in place.
+    pub key_seq: Option<u64>,
+    /// The device's latest registry leaf.
+    pub head_seq: u64,
+    /// The highest envelope counter accepted from the device.
+    pub last_counter: Option<u64>,
+}
+
+/// A registry change requested by the CLI or the enrolment file, applied
+/// by the running broker in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceCommand {
+    pub id: i64,
+    pub action: RegistryAction,
+    pub device: String,
+    pub public_key: Option<[u8; 32]>,
+    pub source: String,
+    pub requested_at_ms: u64,
+    /// Set once applied: the sequence number of its registry leaf.
+    pub applied_seq: Option<u64>,
+    /// Set if the broker refused it.
+    pub error: Option<String>,
+}
+
+/// A message that was received and not notarized, and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Rejection {
+    pub received_at_ms: u64,
+    pub topic: String,
+    #[serde(serialize_with = "hex_digest")]
+    pub digest: [u8; 32],
+    pub payload_len: u64,
+    /// A stable reason code (docs/PROTOCOL.md §Rejections).
+    pub reason: &'static str,
+    pub detail: String,
+    pub device: Option<String>,
+}
+
+fn hex_digest<S: serde::Serializer>(d: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&hex::encode(d))
+}
+
+/// A registry leaf and the command it applies (none for start-up changes).
+pub struct RegistryChange {
+    pub seq: u64,
+    pub event: RegistryEvent,
+    pub command: Option<i64>,
+}
+
+/// Everything one ingest group changes, committed in one transaction.
+#[derive(Default)]
+pub struct Commit {
+    pub leaves: Vec<StoredLeaf>,
+    pub registry: Vec<RegistryChange>,
+    /// New highest counters: (device, counter).
+    pub counters: Vec<(String, u64)>,
+    pub rejections: Vec<Rejection>,
+    /// Commands the broker refused: (command id, reason).
+    pub refused: Vec<(i64, String)>,
+}
+
+impl Commit {
+    pub fn is_empty(&self) -> bool {
+        self.leaves.is_empty()
+            && self.registry.is_empty()
+            && self.counters.is_empty()
+            && self.rejections.is_empty()
+            && self.refused.is_empty()
+    }
+}
+
+fn action_from_str(s: &str) -> Result<RegistryAction, StoreError> {
+    match s {
+        "enrol" => Ok(RegistryAction::Enrol),
+        "rotate" => Ok(RegistryAction::Rotate),
+        "revoke" => Ok(RegistryAction::Revoke),
+        other => Err(StoreError::Corrupt(format!("unknown registry action {other:?}"))),
+    }
+}
+
+fn key32(v: Option<Vec<u8>>) -> Result<Option<[u8; 32]>, StoreError> {
+    v.map(|k| k.try_into().map_err(|_| StoreError::Corrupt("key is not 32 bytes".into()))).transpose()
 }
 
 fn hash32(v: Vec<u8>) -> Result<Hash, StoreError> {
@@ -102,15 +228,185 @@ impl Store {
     /// Persists leaves in one transaction (group commit).
     pub fn append_leaves(&mut self, leaves: &[StoredLeaf]) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
-        {
-            let mut stmt =
-                tx.prepare_cached("INSERT INTO leaves (seq, digest, record) VALUES (?1, ?2, ?3)")?;
-            for l in leaves {
-                stmt.execute(params![l.seq, &l.digest[..], &l.record])?;
+        insert_leaves(&tx, leaves)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Persists one ingest group atomically: leaves, registry changes,
+    /// counters, rejections and refused commands. A crash leaves either all
+    /// of it or none, so counters never run ahead of the leaves they guard.
+    pub fn commit(&mut self, c: &Commit) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        insert_leaves(&tx, &c.leaves)?;
+        for r in &c.registry {
+            let e = &r.event;
+            let prev = (e.prev_seq != notary_proof::device::NO_PREV).then_some(e.prev_seq);
+            tx.prepare_cached(
+                "INSERT INTO registry_events (seq, device, action, prev_seq) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![r.seq, e.device_id, e.action.as_str(), prev])?;
+            let (key, key_seq) = match e.action {
+                RegistryAction::Revoke => (None, None),
+                _ => (Some(&e.public_key[..]), Some(r.seq)),
+            };
+            tx.prepare_cached(
+                "INSERT INTO devices (id, public_key, key_seq, head_seq) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(id) DO UPDATE SET public_key = ?2, key_seq = ?3, head_seq = ?4",
+            )?
+            .execute(params![e.device_id, key, key_seq, r.seq])?;
+            if let Some(id) = r.command {
+                tx.prepare_cached("UPDATE device_commands SET applied_seq = ?2 WHERE id = ?1")?
+                    .execute(params![id, r.seq])?;
             }
+        }
+        for (device, counter) in &c.counters {
+            tx.prepare_cached("UPDATE devices SET last_counter = ?2 WHERE id = ?1")?
+                .execute(params![device, counter])?;
+        }
+        for r in &c.rejections {
+            tx.prepare_cached(
+                "INSERT INTO rejections (at_ms, topic, digest, payload_len, reason, detail, device)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                r.received_at_ms,
+                r.topic,
+                &r.digest[..],
+                r.payload_len,
+                r.reason,
+                r.detail,
+                r.device
+            ])?;
+        }
+        for (id, error) in &c.refused {
+            tx.prepare_cached("UPDATE device_commands SET error = ?2 WHERE id = ?1")?
+                .execute(params![id, error])?;
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Every device the registry knows, by id.
+    pub fn devices(&self) -> Result<Vec<DeviceRow>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, public_key, key_seq, head_seq, last_counter FROM devices ORDER BY id")?;
+        let rows =
+            stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?;
+        rows.map(|row| {
+            let (id, key, key_seq, head_seq, last_counter) = row?;
+            Ok(DeviceRow { id, public_key: key32(key)?, key_seq, head_seq, last_counter })
+        })
+        .collect()
+    }
+
+    /// Queues a registry change for the broker to apply; returns its id.
+    pub fn queue_command(
+        &self,
+        action: RegistryAction,
+        device: &str,
+        public_key: Option<[u8; 32]>,
+        source: &str,
+        now_ms: u64,
+    ) -> Result<i64, StoreError> {
+        self.conn.execute(
+            "INSERT INTO device_commands (action, device, public_key, source, requested_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![action.as_str(), device, public_key.as_ref().map(|k| &k[..]), source, now_ms],
+        )?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// Commands not applied or refused yet, oldest first; with `all`, every
+    /// command ever queued.
+    pub fn commands(&self, all: bool) -> Result<Vec<DeviceCommand>, StoreError> {
+        let sql = if all {
+            "SELECT id, action, device, public_key, source, requested_at_ms, applied_seq, error
+             FROM device_commands ORDER BY id"
+        } else {
+            "SELECT id, action, device, public_key, source, requested_at_ms, applied_seq, error
+             FROM device_commands WHERE applied_seq IS NULL AND error IS NULL ORDER BY id"
+        };
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, Option<Vec<u8>>>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, u64>(5)?,
+                r.get::<_, Option<u64>>(6)?,
+                r.get::<_, Option<String>>(7)?,
+            ))
+        })?;
+        rows.map(|row| {
+            let (id, action, device, key, source, requested_at_ms, applied_seq, error) = row?;
+            Ok(DeviceCommand {
+                id,
+                action: action_from_str(&action)?,
+                device,
+                public_key: key32(key)?,
+                source,
+                requested_at_ms,
+                applied_seq,
+                error,
+            })
+        })
+        .collect()
+    }
+
+    /// The registry event of `device` that follows the one at `seq`, if it
+    /// lies before `before_seq`.
+    pub fn registry_successor(
+        &self,
+        device: &str,
+        seq: u64,
+        before_seq: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT seq FROM registry_events WHERE device = ?1 AND prev_seq = ?2 AND seq < ?3",
+            )?
+            .query_row(params![device, seq, i64::try_from(before_seq).unwrap_or(i64::MAX)], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// The leaf with this sequence number.
+    pub fn leaf(&self, seq: u64) -> Result<Option<StoredLeaf>, StoreError> {
+        Ok(self.leaves_in(seq, seq.saturating_add(1))?.pop())
+    }
+
+    /// The first `limit` rejections of payloads with this digest.
+    pub fn rejections_by_digest(
+        &self,
+        digest: &[u8; 32],
+        limit: usize,
+    ) -> Result<Vec<Rejection>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT at_ms, topic, payload_len, reason, detail, device FROM rejections
+             WHERE digest = ?1 ORDER BY id LIMIT ?2",
+        )?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt.query_map(params![&digest[..], limit], |r| {
+            Ok((r.get::<_, u64>(0)?, r.get(1)?, r.get(2)?, r.get::<_, String>(3)?, r.get(4)?, r.get(5)?))
+        })?;
+        rows.map(|row| {
+            let (received_at_ms, topic, payload_len, reason, detail, device) = row?;
+            Ok(Rejection {
+                received_at_ms,
+                topic,
+                digest: *digest,
+                payload_len,
+                reason: crate::registry::reason_code(&reason)
+                    .ok_or_else(|| StoreError::Corrupt(format!("unknown rejection reason {reason:?}")))?,
+                detail,
+                device,
+            })
+        })
+        .collect()
     }
 
     pub fn record_gap(&self, at_ms: u64, missed: u64, after_seq: u64) -> Result<(), StoreError> {
@@ -373,6 +669,14 @@ impl NodeSource for BatchNodes<'_> {
             .node(level, local)
             .map_err(|_| StoreError::Corrupt(format!("batch {} is missing leaves", self.batch.number)))
     }
+}
+
+fn insert_leaves(tx: &rusqlite::Transaction<'_>, leaves: &[StoredLeaf]) -> Result<(), StoreError> {
+    let mut stmt = tx.prepare_cached("INSERT INTO leaves (seq, digest, record) VALUES (?1, ?2, ?3)")?;
+    for l in leaves {
+        stmt.execute(params![l.seq, &l.digest[..], &l.record])?;
+    }
+    Ok(())
 }
 
 fn decode_batch(bytes: &[u8]) -> Result<BatchRecord, StoreError> {

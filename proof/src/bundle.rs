@@ -34,12 +34,55 @@ pub struct ProofBundle {
     pub checkpoint: String,
     /// Anchors of this checkpoint, one per ledger.
     pub receipts: Vec<Receipt>,
+    /// For a device-signed leaf: the registry leaves that show which key
+    /// the device held at the leaf's position. Absent for other leaves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_key: Option<KeyEvidence>,
+}
+
+/// The registry leaves behind a device-signed leaf, each proven into the
+/// same checkpoint as the bundle's leaf.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyEvidence {
+    /// The enrolment or rotation that put the signing key in place.
+    pub enrolment: LeafProof,
+    /// The device's next registry event, if the checkpoint holds one: a
+    /// later rotation or revocation. It must come after the message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub superseded_by: Option<LeafProof>,
+}
+
+/// One leaf proven into a checkpoint: leaf, batch path, batch, log path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeafProof {
+    #[serde(with = "b64")]
+    pub leaf: Vec<u8>,
+    pub leaf_index: u64,
+    #[serde(with = "b64_list")]
+    pub batch_path: Vec<Hash>,
+    #[serde(with = "b64")]
+    pub batch: Vec<u8>,
+    #[serde(with = "b64_list")]
+    pub log_path: Vec<Hash>,
 }
 
 impl ProofBundle {
     pub fn to_json(&self) -> String {
         // A struct of strings, numbers and lists always serializes.
         serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// The bundle's own leaf and its paths.
+    pub fn leaf_proof(&self) -> LeafProof {
+        LeafProof {
+            leaf: self.leaf.clone(),
+            leaf_index: self.leaf_index,
+            batch_path: self.batch_path.clone(),
+            batch: self.batch.clone(),
+            log_path: self.log_path.clone(),
+        }
     }
 }
 

@@ -4,15 +4,20 @@
 //!
 //! ```text
 //! u8   version            = 1
-//! u8   assurance          1 = broker-received, 2 = device-signed
+//! u8   assurance          1 = broker-received, 2 = device-signed, 3 = registry
 //! u64  sequence number    broker-global, starts at 0, no gaps
 //! u64  received_at_ms     broker clock, Unix milliseconds
 //! u64  payload length     bytes
 //! [32] payload digest     BLAKE3-256 of the payload
 //! u16  topic length, then the topic (UTF-8, no NUL)
-//! u16  extension length, then assurance-specific fields (empty for broker-received)
+//! u16  extension length, then assurance-specific fields:
+//!        broker-received: empty
+//!        device-signed:   device fields (`device::DeviceFields`)
+//!        registry:        the registry event (`device::RegistryEvent`); the
+//!                         payload is the event itself, the topic `notary/registry`
 //! ```
 
+use crate::device::{DeviceFields, RegistryEvent, REGISTRY_TOPIC};
 use crate::FormatError;
 
 pub const LEAF_VERSION: u8 = 1;
@@ -24,8 +29,11 @@ pub const MAX_TOPIC_LEN: usize = u16::MAX as usize;
 pub enum Assurance {
     /// The broker received these bytes on this topic; the sender is not proven.
     BrokerReceived,
-    /// A registered device signed the payload (defined with device envelopes).
+    /// The payload is a device envelope whose signature verified against
+    /// the key the registry held for its device at this position.
     DeviceSigned,
+    /// Not a message: a change to the device registry.
+    Registry,
 }
 
 impl Assurance {
@@ -33,6 +41,7 @@ impl Assurance {
         match self {
             Assurance::BrokerReceived => 1,
             Assurance::DeviceSigned => 2,
+            Assurance::Registry => 3,
         }
     }
 
@@ -40,6 +49,7 @@ impl Assurance {
         match code {
             1 => Some(Assurance::BrokerReceived),
             2 => Some(Assurance::DeviceSigned),
+            3 => Some(Assurance::Registry),
             _ => None,
         }
     }
@@ -48,6 +58,7 @@ impl Assurance {
         match self {
             Assurance::BrokerReceived => "broker-received",
             Assurance::DeviceSigned => "device-signed",
+            Assurance::Registry => "registry",
         }
     }
 }
@@ -76,6 +87,41 @@ impl LeafRecord {
             topic: topic.to_owned(),
             extension: Vec::new(),
         }
+    }
+
+    /// A device-signed leaf for the envelope `payload` published on `topic`.
+    pub fn device_signed(
+        seq: u64,
+        received_at_ms: u64,
+        topic: &str,
+        payload: &[u8],
+        fields: &DeviceFields,
+    ) -> Result<Self, FormatError> {
+        Ok(LeafRecord {
+            assurance: Assurance::DeviceSigned,
+            extension: fields.encode()?,
+            ..Self::broker_received(seq, received_at_ms, topic, payload)
+        })
+    }
+
+    /// A registry leaf: the event is both the payload and the extension.
+    pub fn registry(seq: u64, received_at_ms: u64, event: &RegistryEvent) -> Result<Self, FormatError> {
+        let bytes = event.encode()?;
+        Ok(LeafRecord {
+            assurance: Assurance::Registry,
+            extension: bytes.clone(),
+            ..Self::broker_received(seq, received_at_ms, REGISTRY_TOPIC, &bytes)
+        })
+    }
+
+    /// The device fields of a device-signed leaf.
+    pub fn device_fields(&self) -> Option<DeviceFields> {
+        (self.assurance == Assurance::DeviceSigned).then(|| DeviceFields::decode(&self.extension).ok())?
+    }
+
+    /// The event of a registry leaf.
+    pub fn registry_event(&self) -> Option<RegistryEvent> {
+        (self.assurance == Assurance::Registry).then(|| RegistryEvent::decode(&self.extension).ok())?
     }
 
     /// The canonical encoding. Fails only for a topic or extension longer
@@ -119,18 +165,27 @@ impl LeafRecord {
         let ext_len = r.u16()? as usize;
         let extension = r.take(ext_len)?.to_vec();
         r.finish()?;
+        let leaf =
+            LeafRecord { assurance, seq, received_at_ms, payload_len, payload_digest, topic, extension };
         match assurance {
-            Assurance::BrokerReceived if !extension.is_empty() => {
+            Assurance::BrokerReceived if !leaf.extension.is_empty() => {
                 return Err(FormatError("broker-received leaf with extension fields"))
             }
-            // Device fields are defined together with device envelopes; a
-            // device-signed claim without them proves nothing.
-            Assurance::DeviceSigned if extension.is_empty() => {
-                return Err(FormatError("device-signed leaf without device fields"))
+            Assurance::BrokerReceived => {}
+            Assurance::DeviceSigned => {
+                DeviceFields::decode(&leaf.extension)?;
             }
-            _ => {}
+            Assurance::Registry => {
+                RegistryEvent::decode(&leaf.extension)?;
+                if leaf.topic != REGISTRY_TOPIC
+                    || leaf.payload_len != leaf.extension.len() as u64
+                    || !crate::hash::hash_eq(blake3::hash(&leaf.extension).as_bytes(), &leaf.payload_digest)
+                {
+                    return Err(FormatError("registry leaf whose payload is not its event"));
+                }
+            }
         }
-        Ok(LeafRecord { assurance, seq, received_at_ms, payload_len, payload_digest, topic, extension })
+        Ok(leaf)
     }
 
     /// The RFC 9162 leaf hash of this record's encoding.

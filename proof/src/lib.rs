@@ -10,6 +10,8 @@ pub mod batch;
 pub mod bundle;
 pub mod checkpoint;
 mod codec;
+pub mod device;
+pub mod envelope;
 pub mod hash;
 pub mod leaf;
 pub mod receipt;
@@ -17,12 +19,14 @@ pub mod tree;
 pub mod verify;
 
 pub use batch::{BatchRecord, BatchTree};
-pub use bundle::{ProofBundle, BUNDLE_FORMAT};
+pub use bundle::{KeyEvidence, LeafProof, ProofBundle, BUNDLE_FORMAT};
 pub use checkpoint::{Checkpoint, NoteError, NoteSigner, NoteVerifier};
+pub use device::{DeviceFields, RegistryAction, RegistryEvent};
+pub use envelope::{Envelope, EnvelopeError};
 pub use hash::Hash;
 pub use leaf::{Assurance, LeafRecord};
 pub use receipt::{LocalEntry, Receipt};
-pub use verify::{verify_bundle, verify_bundle_json, Tree, Verified, VerifyError};
+pub use verify::{verify_bundle, verify_bundle_json, Tree, Verified, VerifiedDevice, VerifyError};
 
 /// A byte string that is not in the canonical encoding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -2,12 +2,15 @@
 //! failure is fatal: there is no "partially valid".
 //!
 //! Order: parse → checkpoint signature → receipts → batch in log → leaf in
-//! batch → payload digest. The first failing check names the error.
+//! batch → payload digest → for device-signed leaves: key evidence, then
+//! envelope and device signature. The first failing check names the error.
 
 use crate::batch::BatchRecord;
-use crate::bundle::{ProofBundle, BUNDLE_FORMAT};
+use crate::bundle::{KeyEvidence, LeafProof, ProofBundle, BUNDLE_FORMAT};
 use crate::checkpoint::{Checkpoint, NoteError, NoteVerifier};
-use crate::leaf::LeafRecord;
+use crate::device::{RegistryAction, RegistryEvent};
+use crate::envelope::Envelope;
+use crate::leaf::{Assurance, LeafRecord};
 use crate::receipt::{Receipt, ReceiptProblem};
 use crate::tree::{verify_inclusion, ProofError};
 
@@ -46,6 +49,12 @@ pub enum VerifyError {
     RootMismatch(Tree),
     #[error("the payload does not match the leaf's digest")]
     DigestMismatch,
+    #[error("the device key evidence does not hold: {0}")]
+    BadKeyEvidence(String),
+    #[error("the payload is not the envelope the leaf describes: {0}")]
+    BadEnvelope(String),
+    #[error("the device signature does not verify with the enrolled key")]
+    BadDeviceSignature,
 }
 
 impl VerifyError {
@@ -59,6 +68,9 @@ impl VerifyError {
             VerifyError::BadPath(_) => "bad-path",
             VerifyError::RootMismatch(_) => "root-mismatch",
             VerifyError::DigestMismatch => "digest-mismatch",
+            VerifyError::BadKeyEvidence(_) => "bad-key-evidence",
+            VerifyError::BadEnvelope(_) => "bad-envelope",
+            VerifyError::BadDeviceSignature => "bad-device-signature",
         }
     }
 }
@@ -70,6 +82,22 @@ pub struct Verified {
     pub batch: BatchRecord,
     pub checkpoint: Checkpoint,
     pub receipts: Vec<Receipt>,
+    /// Set for device-signed leaves.
+    pub device: Option<VerifiedDevice>,
+}
+
+/// What a valid bundle proves about a device-signed message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedDevice {
+    pub device_id: String,
+    pub counter: u64,
+    pub device_time_ms: u64,
+    pub content_type: String,
+    /// The key that signed, and the registry leaf that enrolled it.
+    pub public_key: [u8; 32],
+    pub key_seq: u64,
+    /// A later rotation or revocation of that key within the checkpoint.
+    pub superseded: Option<(RegistryAction, u64)>,
 }
 
 /// Parses a bundle's JSON and verifies it.
@@ -90,16 +118,12 @@ pub fn verify_bundle(
     payload: &[u8],
     broker_key: &NoteVerifier,
 ) -> Result<Verified, VerifyError> {
-    let malformed = |what: &str, e: crate::FormatError| VerifyError::Malformed(format!("{what}: {e}"));
     if bundle.format != BUNDLE_FORMAT {
         return Err(VerifyError::Malformed(format!(
             "unsupported format {:?}, expected {BUNDLE_FORMAT:?}",
             bundle.format
         )));
     }
-    let leaf = LeafRecord::decode(&bundle.leaf).map_err(|e| malformed("leaf record", e))?;
-    let batch = BatchRecord::decode(&bundle.batch).map_err(|e| malformed("batch record", e))?;
-
     let checkpoint = broker_key.verify_checkpoint(&bundle.checkpoint).map_err(|e| match e {
         NoteError::Malformed(m) => VerifyError::Malformed(format!("checkpoint: {m}")),
         NoteError::UnknownKey => VerifyError::UnknownKey,
@@ -118,21 +142,7 @@ pub fn verify_bundle(
         })?;
     }
 
-    let path_err = |tree| {
-        move |e| match e {
-            ProofError::BadShape => VerifyError::BadPath(tree),
-            ProofError::RootMismatch => VerifyError::RootMismatch(tree),
-        }
-    };
-    verify_inclusion(batch.number, checkpoint.size, &batch.leaf_hash(), &bundle.log_path, &checkpoint.root)
-        .map_err(path_err(Tree::Log))?;
-
-    if bundle.leaf_index >= batch.size || leaf.seq != batch.first_seq + bundle.leaf_index {
-        return Err(VerifyError::BadPath(Tree::Batch));
-    }
-    let leaf_hash = crate::hash::leaf_hash(&bundle.leaf);
-    verify_inclusion(bundle.leaf_index, batch.size, &leaf_hash, &bundle.batch_path, &batch.root)
-        .map_err(path_err(Tree::Batch))?;
+    let (leaf, batch) = prove_leaf(&bundle.leaf_proof(), &checkpoint)?;
 
     if leaf.payload_len != payload.len() as u64
         || !crate::hash::hash_eq(blake3::hash(payload).as_bytes(), &leaf.payload_digest)
@@ -140,5 +150,108 @@ pub fn verify_bundle(
         return Err(VerifyError::DigestMismatch);
     }
 
-    Ok(Verified { leaf, batch, checkpoint, receipts: bundle.receipts.clone() })
+    let device = match (&leaf.assurance, &bundle.device_key) {
+        (Assurance::DeviceSigned, Some(evidence)) => {
+            Some(verify_device(&leaf, payload, evidence, &checkpoint)?)
+        }
+        (Assurance::DeviceSigned, None) => {
+            return Err(VerifyError::BadKeyEvidence("a device-signed leaf needs key evidence".into()))
+        }
+        (_, Some(_)) => {
+            return Err(VerifyError::Malformed("key evidence for a leaf that is not device-signed".into()))
+        }
+        (_, None) => None,
+    };
+
+    Ok(Verified { leaf, batch, checkpoint, receipts: bundle.receipts.clone(), device })
+}
+
+/// Checks that one leaf is in its batch and its batch in the checkpoint's log.
+fn prove_leaf(p: &LeafProof, checkpoint: &Checkpoint) -> Result<(LeafRecord, BatchRecord), VerifyError> {
+    let malformed = |what: &str, e: crate::FormatError| VerifyError::Malformed(format!("{what}: {e}"));
+    let leaf = LeafRecord::decode(&p.leaf).map_err(|e| malformed("leaf record", e))?;
+    let batch = BatchRecord::decode(&p.batch).map_err(|e| malformed("batch record", e))?;
+    let path_err = |tree| {
+        move |e| match e {
+            ProofError::BadShape => VerifyError::BadPath(tree),
+            ProofError::RootMismatch => VerifyError::RootMismatch(tree),
+        }
+    };
+    verify_inclusion(batch.number, checkpoint.size, &batch.leaf_hash(), &p.log_path, &checkpoint.root)
+        .map_err(path_err(Tree::Log))?;
+    if p.leaf_index >= batch.size || leaf.seq != batch.first_seq + p.leaf_index {
+        return Err(VerifyError::BadPath(Tree::Batch));
+    }
+    let leaf_hash = crate::hash::leaf_hash(&p.leaf);
+    verify_inclusion(p.leaf_index, batch.size, &leaf_hash, &p.batch_path, &batch.root)
+        .map_err(path_err(Tree::Batch))?;
+    Ok((leaf, batch))
+}
+
+/// A registry leaf of `device_id`, proven into the checkpoint.
+fn registry_leaf(
+    p: &LeafProof,
+    checkpoint: &Checkpoint,
+    device_id: &str,
+) -> Result<(u64, RegistryEvent), VerifyError> {
+    let (leaf, _) = prove_leaf(p, checkpoint)?;
+    let event = leaf
+        .registry_event()
+        .ok_or_else(|| VerifyError::BadKeyEvidence("evidence leaf is not a registry event".into()))?;
+    if event.device_id != device_id {
+        return Err(VerifyError::BadKeyEvidence(format!("evidence is about device {:?}", event.device_id)));
+    }
+    Ok((leaf.seq, event))
+}
+
+/// Checks a device-signed leaf: the key was enrolled before it and not
+/// replaced before it (within the checkpoint), and the payload is an
+/// envelope for this topic signed by that key.
+fn verify_device(
+    leaf: &LeafRecord,
+    payload: &[u8],
+    evidence: &KeyEvidence,
+    checkpoint: &Checkpoint,
+) -> Result<VerifiedDevice, VerifyError> {
+    let bad_evidence = |m: &str| VerifyError::BadKeyEvidence(m.to_owned());
+    let fields = leaf.device_fields().ok_or_else(|| VerifyError::Malformed("device fields".into()))?;
+    let (key_seq, enrolment) = registry_leaf(&evidence.enrolment, checkpoint, &fields.device_id)?;
+    if key_seq != fields.key_seq || key_seq >= leaf.seq {
+        return Err(bad_evidence("the enrolment is not the one the leaf names"));
+    }
+    if !matches!(enrolment.action, RegistryAction::Enrol | RegistryAction::Rotate) {
+        return Err(bad_evidence("the named registry event does not put a key in place"));
+    }
+    let superseded = match &evidence.superseded_by {
+        None => None,
+        Some(p) => {
+            let (seq, next) = registry_leaf(p, checkpoint, &fields.device_id)?;
+            if next.prev_seq != key_seq {
+                return Err(bad_evidence("the later event does not follow the enrolment"));
+            }
+            if seq < leaf.seq {
+                return Err(bad_evidence("the key was replaced or revoked before the message"));
+            }
+            Some((next.action, seq))
+        }
+    };
+    let key = ed25519_dalek::VerifyingKey::from_bytes(&enrolment.public_key)
+        .map_err(|_| bad_evidence("the enrolled key is not an ed25519 point"))?;
+    let env = Envelope::parse(payload, &leaf.topic).map_err(|e| VerifyError::BadEnvelope(e.to_string()))?;
+    if env.device_id != fields.device_id
+        || env.counter != fields.counter
+        || env.device_time_ms != fields.device_time_ms
+    {
+        return Err(VerifyError::BadEnvelope("device id, counter or time differ from the leaf".into()));
+    }
+    env.verify(&key).map_err(|_| VerifyError::BadDeviceSignature)?;
+    Ok(VerifiedDevice {
+        device_id: fields.device_id,
+        counter: fields.counter,
+        device_time_ms: fields.device_time_ms,
+        content_type: env.content_type,
+        public_key: enrolment.public_key,
+        key_seq,
+        superseded,
+    })
 }

@@ -84,6 +84,7 @@ fn build() -> Vec<(String, Vec<u8>, ProofBundle)> {
                 log_path: inclusion_proof(&mut log, number, cp_size).expect("path"),
                 checkpoint: note.clone(),
                 receipts: vec![Receipt::local(&entry)],
+                device_key: None,
             };
             let name = format!("valid-batch{number}-leaf{i}");
             if !out.iter().any(|(n, _, _)| *n == name) {

@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod cli;
+mod devices;
 mod notarize;
 mod restart;
 mod support;

@@ -337,3 +337,81 @@ pub fn ledger_verify(dir: &Path) -> (i32, String) {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     (code(out.status), text)
 }
+
+/// Runs `mqtt-notary device ARGS...`; returns (exit code, stdout, stderr).
+pub fn device(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN).arg("device").args(args).output().expect("run mqtt-notary device");
+    (
+        code(out.status),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+/// A device key made by `device keygen`: (key file, public key hex).
+pub fn keygen(dir: &Path, id: &str) -> (PathBuf, String) {
+    let file = dir.join(format!("{id}.key"));
+    let (code, out, err) = device(&["keygen", id, "--out", file.to_str().expect("utf-8 path")]);
+    assert_eq!(code, 0, "keygen: {err}");
+    (file, out.trim().to_owned())
+}
+
+/// The signing key in a device key file.
+pub fn signing_key(file: &Path) -> ed25519_dalek::SigningKey {
+    let text = std::fs::read_to_string(file).expect("key file");
+    let mut seed = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut seed).expect("hex seed");
+    ed25519_dalek::SigningKey::from_bytes(&seed)
+}
+
+impl Notary {
+    /// `device list --json` of this notary's data directory.
+    pub fn devices(&self) -> serde_json::Value {
+        let (code, out, err) = device(&["list", "--json", "--data-dir", self.dir.to_str().expect("utf-8")]);
+        assert_eq!(code, 0, "device list: {err}");
+        serde_json::from_str(&out).expect("device list prints JSON")
+    }
+
+    /// Runs a registry CLI command against the running broker and waits
+    /// until the broker has applied it (no queued commands left).
+    pub fn registry(&self, args: &[&str]) {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--data-dir", self.dir.to_str().expect("utf-8")]);
+        let (code, _, err) = device(&all);
+        assert_eq!(code, 0, "device {args:?}: {err}");
+        eventually("the broker to apply the registry change", || {
+            let list = self.devices();
+            list["queued"].as_array().is_some_and(|q| q.is_empty()).then_some(())
+        });
+    }
+
+    /// Signs and publishes with `device publish`; returns the envelope's digest.
+    pub fn device_publish(&self, id: &str, key: &Path, topic: &str, message: &str) -> String {
+        let mqtt = format!("127.0.0.1:{}", self.mqtt);
+        let key = key.to_str().expect("utf-8");
+        let (code, out, err) = device(&[
+            "publish",
+            "--id",
+            id,
+            "--key",
+            key,
+            "--topic",
+            topic,
+            "--message",
+            message,
+            "--mqtt",
+            &mqtt,
+        ]);
+        assert_eq!(code, 0, "device publish: {err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("publish prints JSON");
+        v["digest"].as_str().expect("digest").to_owned()
+    }
+
+    /// Waits for the proof of the payload with this digest; returns the bundles' JSON.
+    pub fn wait_proof_of(&self, digest: &str) -> String {
+        eventually("a proof to be available", || {
+            let (status, body) = self.get(&format!("/v1/proofs/{digest}"));
+            (status == 200).then_some(body)
+        })
+    }
+}

@@ -1,0 +1,311 @@
+//! Device envelopes: a COSE_Sign1 message (RFC 9052, alg EdDSA per
+//! RFC 9053) that a device publishes as its MQTT payload
+//! (docs/PROTOCOL.md §Device envelope).
+//!
+//! ```text
+//! 18([                                  ; tagged COSE_Sign1
+//!   << {                                ; protected header (bstr-wrapped map)
+//!        1: -8,                         ; alg: EdDSA
+//!        3: content type,               ; tstr or CoAP content format uint
+//!        4: h'device id',               ; kid
+//!   -65537: counter,                    ; uint, strictly increasing per device
+//!   -65538: device time,                ; uint, Unix milliseconds
+//!   -65539: "topic"                     ; optional tstr; must equal the topic
+//!   } >>,
+//!   {},                                 ; unprotected header: empty
+//!   payload,                            ; bstr, embedded
+//!   signature                           ; bstr, 64 bytes
+//! ])
+//! ```
+//!
+//! The MQTT topic the message is published on is the COSE external AAD, so
+//! a signature made for one topic does not verify on another.
+
+use coset::cbor::value::Value;
+use coset::{iana, CoseSign1, CoseSign1Builder, HeaderBuilder, Label};
+use coset::{RegisteredLabel, RegisteredLabelWithPrivate, TaggedCborSerializable as _};
+use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
+
+pub const LABEL_COUNTER: i64 = -65537;
+pub const LABEL_DEVICE_TIME: i64 = -65538;
+pub const LABEL_TOPIC: i64 = -65539;
+/// Signatures verified together in one ed25519 batch. A bad signature
+/// costs its batch a second, single-signature pass, so small batches keep
+/// a flood of bad signatures from slowing good ones much.
+pub const BATCH_SIZE: usize = 64;
+
+/// Why an envelope is refused. `code()` is the rejection reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("malformed envelope: {0}")]
+    Malformed(String),
+    #[error("unsupported algorithm {0}; only EdDSA (-8) is accepted")]
+    UnsupportedAlg(String),
+    #[error("signed for topic {signed:?}, published on another")]
+    TopicMismatch { signed: String },
+    #[error("the signature does not verify")]
+    BadSignature,
+}
+
+impl EnvelopeError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            EnvelopeError::Malformed(_) => "malformed-envelope",
+            EnvelopeError::UnsupportedAlg(_) => "unsupported-alg",
+            EnvelopeError::TopicMismatch { .. } => "topic-mismatch",
+            EnvelopeError::BadSignature => "bad-signature",
+        }
+    }
+}
+
+fn malformed(what: impl Into<String>) -> EnvelopeError {
+    EnvelopeError::Malformed(what.into())
+}
+
+/// True when a payload is meant as an envelope: the CBOR tag 18, an array
+/// of four, a definite-length byte string, and a map inside it. Anything
+/// else is an ordinary payload (broker-received). Text never starts this
+/// way, and a random binary payload does with odds of about 1 in 7 million.
+pub fn is_envelope(payload: &[u8]) -> bool {
+    let map_at = match payload {
+        [0xD2, 0x84, 0x41..=0x57, ..] => 3,
+        [0xD2, 0x84, 0x58, ..] => 4,
+        [0xD2, 0x84, 0x59, ..] => 5,
+        _ => return false,
+    };
+    matches!(payload.get(map_at), Some(0xA1..=0xB7))
+}
+
+/// A parsed envelope, ready to verify against a device's key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    pub device_id: String,
+    pub counter: u64,
+    pub device_time_ms: u64,
+    /// The content type of the inner payload: a media type, or `coap:N`
+    /// for a CoAP content format number.
+    pub content_type: String,
+    /// The topic named in the protected header, if any.
+    pub signed_topic: Option<String>,
+    /// The inner payload: the sensor data the device signed.
+    pub payload: Vec<u8>,
+    pub signature: Signature,
+    /// The COSE Sig_structure the signature covers (topic as external AAD).
+    pub signed_bytes: Vec<u8>,
+}
+
+impl Envelope {
+    /// Parses `bytes` published on `topic`. Checks structure, algorithm and
+    /// topic; the signature is checked by [`Envelope::verify`] or
+    /// [`verify_batch`], once the device's key is known.
+    pub fn parse(bytes: &[u8], topic: &str) -> Result<Self, EnvelopeError> {
+        let msg =
+            CoseSign1::from_tagged_slice(bytes).map_err(|e| malformed(format!("not a COSE_Sign1: {e}")))?;
+        if !msg.unprotected.is_empty() {
+            return Err(malformed("the unprotected header must be empty"));
+        }
+        let h = &msg.protected.header;
+        match &h.alg {
+            None => return Err(malformed("no alg in the protected header")),
+            Some(RegisteredLabelWithPrivate::Assigned(iana::Algorithm::EdDSA)) => {}
+            Some(other) => return Err(EnvelopeError::UnsupportedAlg(format!("{other:?}"))),
+        }
+        if !h.crit.is_empty()
+            || !h.iv.is_empty()
+            || !h.partial_iv.is_empty()
+            || !h.counter_signatures.is_empty()
+        {
+            return Err(malformed("unexpected crit, iv or countersignature header"));
+        }
+        let device_id = std::str::from_utf8(&h.key_id)
+            .ok()
+            .filter(|id| crate::device::valid_device_id(id))
+            .ok_or_else(|| malformed("kid must be a device id (1-64 of A-Z a-z 0-9 . _ : -)"))?
+            .to_owned();
+        let content_type = match &h.content_type {
+            None => return Err(malformed("no content type in the protected header")),
+            Some(RegisteredLabel::Text(t)) => t.clone(),
+            Some(RegisteredLabel::Assigned(f)) => format!("coap:{}", *f as i64),
+        };
+        let (mut counter, mut device_time_ms, mut signed_topic) = (None, None, None);
+        for (label, value) in &h.rest {
+            let uint = || match value {
+                Value::Integer(i) => u64::try_from(*i).ok(),
+                _ => None,
+            };
+            match label {
+                Label::Int(LABEL_COUNTER) => {
+                    counter = Some(uint().ok_or_else(|| malformed("counter is not a uint"))?)
+                }
+                Label::Int(LABEL_DEVICE_TIME) => {
+                    device_time_ms = Some(uint().ok_or_else(|| malformed("device time is not a uint"))?)
+                }
+                Label::Int(LABEL_TOPIC) => match value {
+                    Value::Text(t) => signed_topic = Some(t.clone()),
+                    _ => return Err(malformed("topic is not a text string")),
+                },
+                other => return Err(malformed(format!("unknown header label {other:?}"))),
+            }
+        }
+        let counter = counter.ok_or_else(|| malformed("no counter (-65537) in the protected header"))?;
+        let device_time_ms =
+            device_time_ms.ok_or_else(|| malformed("no device time (-65538) in the protected header"))?;
+        if let Some(signed) = &signed_topic {
+            if signed != topic {
+                return Err(EnvelopeError::TopicMismatch { signed: signed.clone() });
+            }
+        }
+        let Some(payload) = msg.payload.clone() else {
+            return Err(malformed("detached payloads are not accepted"));
+        };
+        let signature = <[u8; 64]>::try_from(msg.signature.as_slice())
+            .map(|b| Signature::from_bytes(&b))
+            .map_err(|_| malformed("the signature is not 64 bytes"))?;
+        let signed_bytes = msg.tbs_data(topic.as_bytes());
+        Ok(Envelope {
+            device_id,
+            counter,
+            device_time_ms,
+            content_type,
+            signed_topic,
+            payload,
+            signature,
+            signed_bytes,
+        })
+    }
+
+    /// Checks the signature with ed25519 `verify_strict`.
+    pub fn verify(&self, key: &VerifyingKey) -> Result<(), EnvelopeError> {
+        key.verify_strict(&self.signed_bytes, &self.signature).map_err(|_| EnvelopeError::BadSignature)
+    }
+}
+
+/// Verifies many envelopes, each with its key, and says which are valid.
+///
+/// Works in batches of [`BATCH_SIZE`] with ed25519 batch verification; a
+/// batch that fails is checked signature by signature with `verify_strict`,
+/// so one bad signature costs only its own batch a second pass.
+pub fn verify_batch(items: &[(&Envelope, &VerifyingKey)]) -> Vec<bool> {
+    let mut valid = Vec::with_capacity(items.len());
+    for chunk in items.chunks(BATCH_SIZE) {
+        let messages: Vec<&[u8]> = chunk.iter().map(|(e, _)| e.signed_bytes.as_slice()).collect();
+        let signatures: Vec<Signature> = chunk.iter().map(|(e, _)| e.signature).collect();
+        let keys: Vec<VerifyingKey> = chunk.iter().map(|(_, k)| **k).collect();
+        if ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_ok() {
+            valid.extend(std::iter::repeat_n(true, chunk.len()));
+        } else {
+            valid.extend(chunk.iter().map(|(e, k)| e.verify(k).is_ok()));
+        }
+    }
+    valid
+}
+
+/// What a device signs into one envelope.
+#[derive(Debug, Clone)]
+pub struct EnvelopeFields<'a> {
+    pub device_id: &'a str,
+    pub counter: u64,
+    pub device_time_ms: u64,
+    pub content_type: &'a str,
+    /// The topic the envelope will be published on (external AAD; also
+    /// written into the protected header).
+    pub topic: &'a str,
+    pub payload: &'a [u8],
+}
+
+/// Builds and signs an envelope: the bytes to publish on `fields.topic`.
+pub fn sign(key: &SigningKey, fields: &EnvelopeFields<'_>) -> Result<Vec<u8>, EnvelopeError> {
+    if !crate::device::valid_device_id(fields.device_id) {
+        return Err(malformed("invalid device id"));
+    }
+    let protected = HeaderBuilder::new()
+        .algorithm(iana::Algorithm::EdDSA)
+        .content_type(fields.content_type.to_owned())
+        .key_id(fields.device_id.as_bytes().to_vec())
+        .value(LABEL_COUNTER, Value::from(fields.counter))
+        .value(LABEL_DEVICE_TIME, Value::from(fields.device_time_ms))
+        .value(LABEL_TOPIC, Value::Text(fields.topic.to_owned()))
+        .build();
+    CoseSign1Builder::new()
+        .protected(protected)
+        .payload(fields.payload.to_vec())
+        .create_signature(fields.topic.as_bytes(), |tbs| key.sign(tbs).to_bytes().to_vec())
+        .build()
+        .to_tagged_vec()
+        .map_err(|e| malformed(format!("cannot encode: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u8) -> SigningKey {
+        SigningKey::from_bytes(&[n; 32])
+    }
+
+    fn fields<'a>(topic: &'a str, counter: u64) -> EnvelopeFields<'a> {
+        EnvelopeFields {
+            device_id: "meter-1",
+            counter,
+            device_time_ms: 1_700_000_000_000,
+            content_type: "application/json",
+            topic,
+            payload: b"{\"kwh\":1.5}",
+        }
+    }
+
+    #[test]
+    fn signed_envelopes_parse_and_verify() {
+        let bytes = sign(&key(1), &fields("meters/1", 7)).expect("signs");
+        assert!(is_envelope(&bytes));
+        let env = Envelope::parse(&bytes, "meters/1").expect("parses");
+        assert_eq!((env.device_id.as_str(), env.counter), ("meter-1", 7));
+        assert_eq!(env.payload, b"{\"kwh\":1.5}");
+        assert_eq!(env.content_type, "application/json");
+        env.verify(&key(1).verifying_key()).expect("valid");
+        assert_eq!(env.verify(&key(2).verifying_key()), Err(EnvelopeError::BadSignature));
+    }
+
+    #[test]
+    fn another_topic_fails_even_without_the_topic_header() {
+        let bytes = sign(&key(1), &fields("meters/1", 7)).expect("signs");
+        let err = Envelope::parse(&bytes, "meters/2").expect_err("topic header differs");
+        assert_eq!(err.code(), "topic-mismatch");
+        // Without the header, the AAD alone must catch it.
+        let mut msg = CoseSign1::from_tagged_slice(&bytes).expect("parses");
+        msg.protected.header.rest.retain(|(l, _)| *l != Label::Int(LABEL_TOPIC));
+        msg.protected.original_data = None;
+        let k = key(1);
+        msg.signature = k.sign(&msg.tbs_data(b"meters/1")).to_bytes().to_vec();
+        let bytes = msg.to_tagged_vec().expect("encodes");
+        Envelope::parse(&bytes, "meters/1").expect("parses").verify(&k.verifying_key()).expect("valid");
+        let moved = Envelope::parse(&bytes, "meters/2").expect("parses");
+        assert_eq!(moved.verify(&k.verifying_key()), Err(EnvelopeError::BadSignature));
+    }
+
+    #[test]
+    fn plain_payloads_are_not_envelopes() {
+        for p in [&b""[..], b"21.5", b"{\"t\":1}", "Ҁ text".as_bytes(), &[0xD2, 0x84, 0x40, 0xA0]] {
+            assert!(!is_envelope(p), "{p:?}");
+        }
+    }
+
+    #[test]
+    fn batches_find_the_bad_signature() {
+        let keys: Vec<SigningKey> = (1..=150).map(|i| key(i as u8)).collect();
+        let mut envs: Vec<Envelope> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                let f = EnvelopeFields { counter: i as u64, ..fields("t", 0) };
+                Envelope::parse(&sign(k, &f).expect("signs"), "t").expect("parses")
+            })
+            .collect();
+        envs[70].signed_bytes[20] ^= 1;
+        let vks: Vec<VerifyingKey> = keys.iter().map(|k| k.verifying_key()).collect();
+        let items: Vec<(&Envelope, &VerifyingKey)> = envs.iter().zip(&vks).collect();
+        let valid = verify_batch(&items);
+        assert_eq!(valid.len(), 150);
+        assert!(valid.iter().enumerate().all(|(i, v)| *v == (i != 70)));
+    }
+}
