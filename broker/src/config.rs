@@ -73,6 +73,16 @@ pub struct MqttConfig {
     pub max_inflight: usize,
     pub backlog_segment_bytes: usize,
     pub backlog_segment_count: usize,
+    pub password_file: Option<PathBuf>,
+    pub tls: Option<TlsConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub listen: SocketAddr,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -118,6 +128,8 @@ impl Default for MqttConfig {
             max_inflight: 100,
             backlog_segment_bytes: 16 * 1024 * 1024,
             backlog_segment_count: 8,
+            password_file: None,
+            tls: None,
         }
     }
 }

@@ -128,6 +128,8 @@ pub struct Publish {
     pub content_type: String,
     pub mqtt: String,
     pub state: Option<PathBuf>,
+    /// MQTT user name and password.
+    pub login: Option<(String, String)>,
 }
 
 /// Reads a device key file: 64 hex digits (the ed25519 seed).
@@ -188,6 +190,9 @@ pub fn publish(p: Publish) -> anyhow::Result<()> {
 
     let mut opts = rumqttc::MqttOptions::new(format!("notary-device-{}-{counter}", p.id), host, port);
     opts.set_keep_alive(Duration::from_secs(30)).set_max_packet_size(bytes.len() + 1024, 64 * 1024);
+    if let Some((user, password)) = p.login {
+        opts.set_credentials(user, password);
+    }
     let (client, mut connection) = rumqttc::Client::new(opts, 10);
     client.publish(&p.topic, rumqttc::QoS::AtLeastOnce, false, bytes).context("queueing the publish")?;
     for event in connection.iter() {

@@ -127,6 +127,12 @@ enum DeviceCommand {
         /// Counter state file; defaults to KEY.counter.
         #[arg(long)]
         state: Option<PathBuf>,
+        /// MQTT login: the user name...
+        #[arg(long, requires = "password_file")]
+        username: Option<String>,
+        /// ...and a file holding the password (first line).
+        #[arg(long, requires = "username")]
+        password_file: Option<PathBuf>,
     },
 }
 
@@ -179,13 +185,32 @@ fn run_device(command: DeviceCommand) -> anyhow::Result<()> {
         DeviceCommand::Rotate { id, public_key, data_dir } => {
             device::change(&data_dir, RegistryAction::Rotate, &id, Some(&public_key))
         }
-        DeviceCommand::Publish { id, key, topic, message, file, mqtt, content_type, state } => {
+        DeviceCommand::Publish {
+            id,
+            key,
+            topic,
+            message,
+            file,
+            mqtt,
+            content_type,
+            state,
+            username,
+            password_file,
+        } => {
             let payload = match (message, file) {
                 (Some(m), _) => m.into_bytes(),
                 (None, Some(f)) => std::fs::read(&f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?,
                 (None, None) => anyhow::bail!("give --message or --file"),
             };
-            device::publish(device::Publish { id, key, topic, payload, content_type, mqtt, state })
+            let login = match (username, password_file) {
+                (Some(u), Some(f)) => {
+                    let text =
+                        std::fs::read_to_string(&f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+                    Some((u, text.lines().next().unwrap_or_default().to_owned()))
+                }
+                _ => None,
+            };
+            device::publish(device::Publish { id, key, topic, payload, content_type, mqtt, state, login })
         }
     }
 }

@@ -4,8 +4,9 @@
 use crate::config::{Config, EnrolmentFile};
 use anyhow::Context as _;
 use notary_anchor::{Anchor, LocalLedger};
+use notary_plugin::auth::PasswordFile;
 use notary_plugin::embedded::{self, EmbeddedSettings};
-use notary_plugin::{http, keys, BatchPolicy, Pipeline, PipelineConfig};
+use notary_plugin::{http, keys, tls, BatchPolicy, Pipeline, PipelineConfig};
 use std::future::IntoFuture as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -83,6 +84,14 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
         max_inflight: cfg.mqtt.max_inflight,
         segment_bytes: cfg.mqtt.backlog_segment_bytes,
         segment_count: cfg.mqtt.backlog_segment_count,
+        passwords: match &cfg.mqtt.password_file {
+            Some(path) => {
+                let file = PasswordFile::load(path)?;
+                tracing::info!(file = %path.display(), users = file.len(), "MQTT clients must log in");
+                Some(Arc::new(file))
+            }
+            None => None,
+        },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -93,7 +102,20 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
     let listener = rt
         .block_on(tokio::net::TcpListener::bind(cfg.http.listen))
         .with_context(|| format!("cannot listen for HTTP on {}", cfg.http.listen))?;
+    let tls = match &cfg.mqtt.tls {
+        Some(t) => {
+            let acceptor = tls::acceptor(&t.cert_file, &t.key_file)?;
+            Some((rt.block_on(tls::bind(t.listen))?, acceptor))
+        }
+        None => None,
+    };
     let outbox = embedded::start(&settings, intake.clone())?;
+    if let Some((listener, acceptor)) = tls {
+        let upstream = tls::local_target(cfg.mqtt.listen);
+        let handshake = std::time::Duration::from_millis(cfg.mqtt.connection_timeout_ms.into());
+        tracing::info!(listen = ?listener.local_addr().ok(), "MQTT over TLS");
+        rt.spawn(tls::serve(listener, acceptor, upstream, handshake));
+    }
     let pipeline_cfg = PipelineConfig {
         data_dir: dir.clone(),
         policy: BatchPolicy {

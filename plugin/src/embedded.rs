@@ -14,6 +14,7 @@
 //! single protocol keeps the broker uncrashable, and our own publishes
 //! never carry properties.
 
+use crate::auth::PasswordFile;
 use crate::source::{now_ms, Message, Outbox, Sink};
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{Packet, Publish};
@@ -40,6 +41,8 @@ pub struct EmbeddedSettings {
     /// memory per subscription filter before dropping the oldest.
     pub segment_bytes: usize,
     pub segment_count: usize,
+    /// When set, every client must log in with a user and password from it.
+    pub passwords: Option<Arc<PasswordFile>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +54,7 @@ pub enum EmbeddedError {
 }
 
 fn rumqttd_config(s: &EmbeddedSettings) -> Config {
-    let listener = ServerSettings {
+    let mut listener = ServerSettings {
         name: "mqtt-v4".into(),
         listen: s.listen,
         tls: None,
@@ -65,6 +68,16 @@ fn rumqttd_config(s: &EmbeddedSettings) -> Config {
             dynamic_filters: true,
         },
     };
+    if let Some(passwords) = &s.passwords {
+        let passwords = passwords.clone();
+        listener.set_auth_handler(move |_client_id: String, user: String, password: String| {
+            let ok = passwords.check(&user, password.as_bytes());
+            if !ok {
+                tracing::warn!(%user, "MQTT login refused");
+            }
+            std::future::ready(ok)
+        });
+    }
     Config {
         router: RouterConfig {
             max_connections: s.max_connections,

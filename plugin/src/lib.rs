@@ -11,6 +11,7 @@
 //! See ARCHITECTURE.md for the invariants each stage keeps.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod batcher;
 pub mod embedded;
 pub mod http;
@@ -23,6 +24,7 @@ pub mod registry;
 mod sealer;
 pub mod source;
 pub mod store;
+pub mod tls;
 
 pub use batcher::BatchPolicy;
 pub use ingest::{Intake, OWN_PREFIX, PROOF_REQUEST_TOPIC, REJECTIONS_TOPIC};

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `mqtt-notary` binary, Debian's mosquitto
 //! clients, real SQLite files. One test binary; modules by theme.
 
+mod access;
 mod bad_input;
 mod cli;
 mod devices;

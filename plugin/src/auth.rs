@@ -1,0 +1,156 @@
+//! Username/password authentication from a Mosquitto `password_file`, so
+//! operators can reuse the files `mosquitto_passwd` writes.
+//!
+//! Each line is `username:hash`; blank lines and lines starting with `#`
+//! are skipped. Two hash forms are read, the ones Mosquitto 2.0 writes:
+//!
+//! ```text
+//! $7$<iterations>$<salt, base64>$<hash, base64>   PBKDF2-HMAC-SHA512 (mosquitto_passwd's default)
+//! $6$<salt, base64>$<hash, base64>                SHA-512(password || salt) (older files)
+//! ```
+//!
+//! Any other form is refused at start-up, naming the line, rather than
+//! silently locking a user out.
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use sha2::{Digest as _, Sha512};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// A parsed password file.
+#[derive(Debug, Clone, Default)]
+pub struct PasswordFile {
+    users: HashMap<String, Hash>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Hash {
+    Sha512 { salt: Vec<u8>, hash: Vec<u8> },
+    Pbkdf2Sha512 { iterations: u32, salt: Vec<u8>, hash: Vec<u8> },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PasswordFileError {
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{path} line {line}: {why}")]
+    Invalid { path: String, line: usize, why: &'static str },
+}
+
+/// The most PBKDF2 iterations accepted: a file with more would let one
+/// CONNECT cost seconds of CPU.
+const MAX_ITERATIONS: u32 = 1_000_000;
+
+impl PasswordFile {
+    pub fn load(path: &Path) -> Result<Self, PasswordFileError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| PasswordFileError::Io { path: path.display().to_string(), source })?;
+        Self::parse(&text).map_err(|(line, why)| PasswordFileError::Invalid {
+            path: path.display().to_string(),
+            line,
+            why,
+        })
+    }
+
+    /// Parses the file's text; an error names the 1-based line.
+    pub fn parse(text: &str) -> Result<Self, (usize, &'static str)> {
+        let mut users = HashMap::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim_end_matches('\r');
+            if line.trim().is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (user, hash) = line.split_once(':').ok_or((i + 1, "expected username:hash"))?;
+            if user.is_empty() {
+                return Err((i + 1, "empty username"));
+            }
+            users.insert(user.to_owned(), parse_hash(hash).ok_or((i + 1, "unsupported or malformed hash"))?);
+        }
+        Ok(PasswordFile { users })
+    }
+
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+
+    /// Whether `password` is `user`'s password. Unknown users cost the
+    /// same as known ones would, in the common case.
+    pub fn check(&self, user: &str, password: &[u8]) -> bool {
+        let Some(h) = self.users.get(user) else {
+            return false;
+        };
+        match h {
+            Hash::Sha512 { salt, hash } => {
+                let mut d = Sha512::new();
+                d.update(password);
+                d.update(salt);
+                ct_eq(&d.finalize(), hash)
+            }
+            Hash::Pbkdf2Sha512 { iterations, salt, hash } => {
+                let mut out = vec![0u8; hash.len()];
+                pbkdf2::pbkdf2_hmac::<Sha512>(password, salt, *iterations, &mut out);
+                ct_eq(&out, hash)
+            }
+        }
+    }
+}
+
+fn parse_hash(s: &str) -> Option<Hash> {
+    let parts: Vec<&str> = s.split('$').collect();
+    match parts.as_slice() {
+        ["", "6", salt, hash] => {
+            Some(Hash::Sha512 { salt: B64.decode(salt).ok()?, hash: B64.decode(hash).ok()? })
+        }
+        ["", "7", iterations, salt, hash] => {
+            let iterations: u32 = iterations.parse().ok().filter(|n| (1..=MAX_ITERATIONS).contains(n))?;
+            let hash = B64.decode(hash).ok().filter(|h| !h.is_empty() && h.len() <= 64)?;
+            Some(Hash::Pbkdf2Sha512 { iterations, salt: B64.decode(salt).ok()?, hash })
+        }
+        _ => None,
+    }
+}
+
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hashes made by Mosquitto 2.0's mosquitto_passwd (the e2e tests also
+    /// run the real tool); computed here the same way for the unit test.
+    fn pbkdf2_line(user: &str, password: &str, salt: &[u8], iterations: u32) -> String {
+        let mut out = [0u8; 64];
+        pbkdf2::pbkdf2_hmac::<Sha512>(password.as_bytes(), salt, iterations, &mut out);
+        format!("{user}:$7${iterations}${}${}", B64.encode(salt), B64.encode(out))
+    }
+
+    #[test]
+    fn checks_both_hash_forms_and_refuses_others() {
+        let mut sha = Sha512::new();
+        sha.update(b"old-pass");
+        sha.update(b"saltsalt");
+        let six = format!("old:$6${}${}", B64.encode(b"saltsalt"), B64.encode(sha.finalize()));
+        let text = format!("# users\n\n{}\n{six}\n", pbkdf2_line("dev", "s3cret", b"0123456789ab", 101));
+        let f = PasswordFile::parse(&text).expect("parses");
+        assert_eq!(f.len(), 2);
+        assert!(f.check("dev", b"s3cret"));
+        assert!(!f.check("dev", b"s3cret "));
+        assert!(!f.check("nobody", b"s3cret"));
+        assert!(f.check("old", b"old-pass"));
+        assert!(!f.check("old", b"old-pas"));
+        assert_eq!(
+            PasswordFile::parse("a:$argon2id$v=19$x").err(),
+            Some((1, "unsupported or malformed hash"))
+        );
+        assert_eq!(PasswordFile::parse("ok\n").err(), Some((1, "expected username:hash")));
+        assert!(PasswordFile::parse("a:$7$0$AAAA$AAAA").is_err(), "zero iterations");
+        assert!(PasswordFile::parse("a:$7$99999999$AAAA$AAAA").is_err(), "too many iterations");
+    }
+}

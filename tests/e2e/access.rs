@@ -1,0 +1,147 @@
+//! Access control of the embedded broker: logins from a password file made
+//! by the real `mosquitto_passwd`, and the TLS listener with real
+//! `mosquitto_pub` clients and an openssl-made certificate.
+
+use crate::support::*;
+use std::io::Read as _;
+use std::net::TcpStream;
+use std::process::Command;
+
+#[test]
+fn logins_come_from_a_mosquitto_password_file() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let passwd = tmp.path().join("passwd");
+    let made = Command::new("mosquitto_passwd")
+        .args(["-c", "-b"])
+        .arg(&passwd)
+        .args(["sensor", "s3cret pass"])
+        .output()
+        .expect("mosquitto_passwd is installed");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let config =
+        fast_config(tmp.path(), &format!("[mqtt]\npassword_file = {:?}\n", passwd.display().to_string()));
+    let n = Notary::start_with(tmp.path(), Some(config));
+
+    let ok = publish(n.mqtt, "t/login", b"with the right password", &["-u", "sensor", "-P", "s3cret pass"]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    n.wait_proof(b"with the right password");
+    for (what, extra) in [
+        ("a wrong password", &["-u", "sensor", "-P", "s3cret"][..]),
+        ("an unknown user", &["-u", "nobody", "-P", "s3cret pass"][..]),
+        ("no login", &[][..]),
+    ] {
+        let payload = format!("refused: {what}");
+        let out = publish(n.mqtt, "t/login", payload.as_bytes(), extra);
+        assert!(!out.status.success(), "{what} was let in");
+        assert_eq!(n.get(&format!("/v1/proofs/{}", blake3_hex(payload.as_bytes()))).0, 404, "{what}");
+    }
+
+    // Signed publishing from the CLI logs in too.
+    let (key, public) = keygen(tmp.path(), "d");
+    n.registry(&["add", "d", "--public-key", &public]);
+    let pw = tmp.path().join("pw");
+    std::fs::write(&pw, "s3cret pass\n").expect("write");
+    let (code, out, err) = device(&[
+        "publish",
+        "--id",
+        "d",
+        "--key",
+        key.to_str().expect("utf-8"),
+        "--topic",
+        "t/signed",
+        "--message",
+        "hi",
+        "--mqtt",
+        &format!("127.0.0.1:{}", n.mqtt),
+        "--username",
+        "sensor",
+        "--password-file",
+        pw.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    n.wait_proof_of(v["digest"].as_str().expect("digest"));
+}
+
+#[test]
+fn the_tls_listener_serves_mosquitto_clients_and_a_silent_client_blocks_no_one() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (cert, key) = (tmp.path().join("cert.pem"), tmp.path().join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+        ])
+        .args(["-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl is installed");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let tls_port = free_port();
+    let config = fast_config(
+        tmp.path(),
+        &format!(
+            "[mqtt.tls]\nlisten = \"127.0.0.1:{tls_port}\"\ncert_file = {:?}\nkey_file = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        ),
+    );
+    let n = Notary::start_with(tmp.path(), Some(config));
+    eventually("the TLS listener", || TcpStream::connect(("127.0.0.1", tls_port)).ok());
+
+    // A client that connects and never says a word.
+    let mut silent = TcpStream::connect(("127.0.0.1", tls_port)).expect("connect");
+    let cafile = cert.to_str().expect("utf-8");
+    let tls = |payload: &[u8]| {
+        let file = tmp.path().join("payload");
+        std::fs::write(&file, payload).expect("write");
+        Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                "localhost",
+                "-p",
+                &tls_port.to_string(),
+                "--cafile",
+                cafile,
+                "-t",
+                "t/tls",
+                "-q",
+                "1",
+            ])
+            .arg("-f")
+            .arg(&file)
+            .output()
+            .expect("mosquitto_pub")
+    };
+    let out = tls(b"over TLS");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json = n.wait_proof(b"over TLS");
+    notary_proof::verify_bundle_json(
+        serde_json::to_string(&serde_json::from_str::<serde_json::Value>(&json).expect("json")[0])
+            .expect("json")
+            .as_bytes(),
+        b"over TLS",
+        &broker_verifier(&n),
+    )
+    .expect("valid");
+
+    // Plain MQTT on the TLS port is refused; the listener keeps serving.
+    let plain = publish(tls_port, "t/tls", b"plain text on the TLS port", &[]);
+    assert!(!plain.status.success());
+    assert!(tls(b"after the plain attempt").status.success());
+    n.wait_proof(b"after the plain attempt");
+    // The silent client is cut off once its handshake time is up.
+    silent.set_read_timeout(Some(PATIENCE)).expect("timeout");
+    let mut buf = [0u8; 1];
+    assert_eq!(silent.read(&mut buf).ok(), Some(0), "closed by the listener");
+}
