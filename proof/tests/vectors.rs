@@ -96,6 +96,197 @@ fn build() -> Vec<(String, Vec<u8>, ProofBundle)> {
     out
 }
 
+/// The device log: registry leaves and device-signed leaves.
+///
+/// batch 0: 0 enrol dev-1 (key 1), 1 plain leaf
+/// batch 1: 2 m1 (key 1), 3 m2 (signature bad, notarized anyway: a lying
+///          broker), 4 rotate dev-1 to key 2, 5 m3 (key 2), 6 m4 (key 1,
+///          after the rotation: a lying broker), 7 m5 (key 2, the leaf's
+///          counter differs from its envelope's)
+/// batch 2: 8 revoke dev-1
+struct DeviceLog {
+    log: MemoryTree,
+    leaves: Vec<(LeafRecord, Vec<u8>)>,
+    batches: Vec<(BatchRecord, BatchTree)>,
+    notes: Vec<(String, LocalEntry)>,
+}
+
+const DEVICE_TOPIC: &str = "meters/dev-1";
+
+fn device_key(n: u8) -> ed25519_dalek::SigningKey {
+    ed25519_dalek::SigningKey::from_bytes(&[n; 32])
+}
+
+fn device_envelope(key: u8, counter: u64, payload: &[u8]) -> Vec<u8> {
+    notary_proof::envelope::sign(
+        &device_key(key),
+        &notary_proof::envelope::EnvelopeFields {
+            device_id: "dev-1",
+            counter,
+            device_time_ms: T0 + counter,
+            content_type: "application/json",
+            topic: DEVICE_TOPIC,
+            payload,
+        },
+    )
+    .expect("signs")
+}
+
+fn build_device_log() -> DeviceLog {
+    use notary_proof::device::{DeviceFields, RegistryAction, RegistryEvent, NO_PREV};
+    let signer = signer();
+    let event = |action, key: Option<u8>, prev_seq| RegistryEvent {
+        action,
+        device_id: "dev-1".into(),
+        public_key: key.map_or([0; 32], |k| device_key(k).verifying_key().to_bytes()),
+        prev_seq,
+    };
+    let registry = |seq, e: RegistryEvent| {
+        let leaf = LeafRecord::registry(seq, T0 + seq, &e).expect("leaf");
+        (leaf, e.encode().expect("event"))
+    };
+    let signed = |seq, key_seq, counter, env: Vec<u8>| {
+        let f = DeviceFields { key_seq, counter, device_time_ms: T0 + counter, device_id: "dev-1".into() };
+        (LeafRecord::device_signed(seq, T0 + seq, DEVICE_TOPIC, &env, &f).expect("leaf"), env)
+    };
+    let mut bad_sig = device_envelope(1, 2, b"{\"kwh\":2}");
+    let end = bad_sig.len() - 1;
+    bad_sig[end] ^= 1;
+    let m5 = device_envelope(2, 5, b"{\"kwh\":5}");
+    let mut m5_leaf = signed(7, 4, 5, m5);
+    if let Some(mut f) = m5_leaf.0.device_fields() {
+        f.counter = 9;
+        m5_leaf.0.extension = f.encode().expect("fields");
+    }
+    let leaves = vec![
+        registry(0, event(RegistryAction::Enrol, Some(1), NO_PREV)),
+        (LeafRecord::broker_received(1, T0 + 1, "plain/1", b"21.5"), b"21.5".to_vec()),
+        signed(2, 0, 1, device_envelope(1, 1, b"{\"kwh\":1}")),
+        signed(3, 0, 2, bad_sig),
+        registry(4, event(RegistryAction::Rotate, Some(2), 0)),
+        signed(5, 4, 3, device_envelope(2, 3, b"{\"kwh\":3}")),
+        signed(6, 0, 4, device_envelope(1, 4, b"{\"kwh\":4}")),
+        m5_leaf,
+        registry(8, event(RegistryAction::Revoke, None, 4)),
+    ];
+    let mut log = MemoryTree::new();
+    let mut batches = Vec::new();
+    let mut notes = Vec::new();
+    let mut prev_entry = [0u8; 32];
+    for (number, range) in [0..2usize, 2..8, 8..9].into_iter().enumerate() {
+        let number = number as u64;
+        let hashes: Vec<_> =
+            leaves[range.clone()].iter().map(|(l, _)| l.leaf_hash().expect("encodes")).collect();
+        let tree = BatchTree::new(&hashes).expect("non-empty");
+        let batch = BatchRecord {
+            number,
+            first_seq: range.start as u64,
+            size: hashes.len() as u64,
+            root: tree.root(),
+            sealed_at_ms: T0 + 60_000 * (number + 1),
+        };
+        log.append(batch.leaf_hash());
+        let cp = Checkpoint {
+            origin: ORIGIN.into(),
+            size: number + 1,
+            root: root(&mut log, number + 1).expect("root"),
+        };
+        let note = signer.sign(&cp.body());
+        let entry = LocalEntry {
+            index: 100 + number,
+            prev_hash: prev_entry,
+            checkpoint_hash: notary_proof::hash::sha256(note.as_bytes()),
+            anchored_at_ms: batch.sealed_at_ms + 5,
+        };
+        prev_entry = entry.hash();
+        batches.push((batch, tree));
+        notes.push((note, entry));
+    }
+    DeviceLog { log, leaves, batches, notes }
+}
+
+impl DeviceLog {
+    fn batch_of(&self, seq: u64) -> usize {
+        self.batches
+            .iter()
+            .position(|(b, _)| seq >= b.first_seq && seq < b.first_seq + b.size)
+            .expect("sealed")
+    }
+
+    /// Proof of leaf `seq` into the checkpoint of size `size`.
+    fn leaf_proof(&mut self, seq: u64, size: u64) -> notary_proof::LeafProof {
+        let b = self.batch_of(seq);
+        let (batch, tree) = &self.batches[b];
+        let index = seq - batch.first_seq;
+        notary_proof::LeafProof {
+            leaf: self.leaves[seq as usize].0.encode().expect("encodes"),
+            leaf_index: index,
+            batch_path: tree.path(index).expect("in range"),
+            batch: batch.encode(),
+            log_path: inclusion_proof(&mut self.log, batch.number, size).expect("path"),
+        }
+    }
+
+    /// The bundle a broker serves for leaf `seq`, with key evidence as given.
+    fn bundle(&mut self, seq: u64, evidence: Option<(u64, Option<u64>)>) -> (Vec<u8>, ProofBundle) {
+        let size = self.batch_of(seq) as u64 + 1;
+        let p = self.leaf_proof(seq, size);
+        let device_key = evidence.map(|(enrolment, next)| notary_proof::KeyEvidence {
+            enrolment: self.leaf_proof(enrolment, size),
+            superseded_by: next.map(|n| self.leaf_proof(n, size)),
+        });
+        let (note, entry) = &self.notes[size as usize - 1];
+        let bundle = ProofBundle {
+            format: BUNDLE_FORMAT.into(),
+            leaf: p.leaf,
+            leaf_index: p.leaf_index,
+            batch_path: p.batch_path,
+            batch: p.batch,
+            log_path: p.log_path,
+            checkpoint: note.clone(),
+            receipts: vec![Receipt::local(entry)],
+            device_key,
+        };
+        (self.leaves[seq as usize].1.clone(), bundle)
+    }
+}
+
+/// Device-signed bundles: valid ones, and each way key evidence, envelope
+/// or device signature can fail.
+fn device_cases() -> Vec<Value> {
+    let mut log = build_device_log();
+    let mut out = Vec::new();
+    let mut add = |name: &str, expect: &str, (payload, b): (Vec<u8>, ProofBundle)| {
+        out.push(case(name, expect, &payload, to_json(&b)));
+    };
+    add("device-valid-key-later-rotated", "valid", log.bundle(2, Some((0, Some(4)))));
+    add("device-valid-rotated-key", "valid", log.bundle(5, Some((4, None))));
+    add("device-registry-leaf-valid", "valid", log.bundle(4, None));
+    add("device-key-evidence-missing", "bad-key-evidence", log.bundle(2, None));
+    add("device-key-evidence-on-plain-leaf", "malformed", log.bundle(1, Some((0, None))));
+    add("device-enrolment-is-another-event", "bad-key-evidence", log.bundle(2, Some((4, None))));
+    add("device-enrolment-is-a-message", "bad-key-evidence", log.bundle(2, Some((1, None))));
+    add("device-key-replaced-before-message", "bad-key-evidence", log.bundle(6, Some((0, Some(4)))));
+    add("device-next-event-does-not-follow", "bad-key-evidence", log.bundle(5, Some((4, Some(4)))));
+    add("device-bad-signature-notarized", "bad-device-signature", log.bundle(3, Some((0, Some(4)))));
+    add("device-leaf-counter-differs", "bad-envelope", log.bundle(7, Some((4, None))));
+    let (payload, mut b) = log.bundle(2, Some((0, Some(4))));
+    if let Some(ev) = b.device_key.as_mut() {
+        flip_bit(&mut ev.enrolment.leaf, 17, 0);
+    }
+    add("device-enrolment-leaf-bit-@17.0", "root-mismatch", (payload, b));
+    let (payload, mut b) = log.bundle(2, Some((0, Some(4))));
+    if let Some(ev) = b.device_key.as_mut() {
+        ev.enrolment.batch_path.pop();
+    }
+    add("device-enrolment-path-short", "bad-path", (payload, b));
+    let (mut payload, b) = log.bundle(2, Some((0, Some(4))));
+    let at = payload.len() - 1;
+    flip_bit(&mut payload, at, 0);
+    add("device-envelope-signature-bit", "digest-mismatch", (payload, b));
+    out
+}
+
 fn flip_bit(bytes: &mut [u8], byte: usize, bit: u8) {
     bytes[byte] ^= 1 << bit;
 }
@@ -347,6 +538,7 @@ fn generate() -> Value {
         }),
     );
     add("not-json", "malformed", &payload, "proof please".into());
+    cases.extend(device_cases());
 
     json!({
         "description": "mqtt-notary proof bundle vectors. Verify bundle_json against the bytes of payload_hex with broker_key; expect is 'valid' or the code of the first failing check (docs/PROTOCOL.md, Verification).",
