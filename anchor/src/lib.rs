@@ -4,6 +4,7 @@
 //! share no code beyond the trait and the receipt format in `notary-proof`.
 #![forbid(unsafe_code)]
 
+pub mod evm;
 pub mod local;
 
 pub use local::{LedgerCheck, LocalLedger};

@@ -217,7 +217,10 @@ mod tests {
         let r2 = ledger.anchor(&note(&signer, 2), 11).expect("anchors");
         let again = ledger.anchor(&note(&signer, 1), 99).expect("idempotent");
         assert_eq!(r1, again);
-        let (Receipt::Local { entry_hash: h1, .. }, Receipt::Local { prev_hash: p2, index, .. }) = (&r1, &r2);
+        let (Receipt::Local { entry_hash: h1, .. }, Receipt::Local { prev_hash: p2, index, .. }) = (&r1, &r2)
+        else {
+            panic!("local receipts")
+        };
         assert_eq!(h1, p2);
         assert_eq!(*index, 1);
         r2.check(&note(&signer, 2)).expect("receipt binds its checkpoint");

@@ -1,7 +1,9 @@
 //! Anchor receipts: evidence that a signed checkpoint was recorded in a ledger.
 //!
-//! Version 1 knows one ledger: the local SQLite hash chain. Its entry is
-//! encoded (big-endian) and hashed as:
+//! Two ledgers: the local SQLite hash chain, and EVM chains (a transaction
+//! whose calldata commits to the checkpoint, see [`evm_calldata`]).
+//!
+//! The local ledger's entry is encoded (big-endian) and hashed as:
 //!
 //! ```text
 //! u8   version = 1
@@ -57,6 +59,38 @@ pub enum Receipt {
         #[serde(with = "hex32")]
         entry_hash: Hash,
     },
+    /// A transaction on an EVM chain whose calldata is
+    /// [`evm_calldata`]`(checkpoint_hash)`. Offline, only the binding to
+    /// the checkpoint can be checked; that the transaction is in the
+    /// canonical chain needs an RPC endpoint.
+    Evm {
+        chain_id: u64,
+        #[serde(with = "hex0x")]
+        tx_hash: Hash,
+        block_number: u64,
+        #[serde(with = "hex0x")]
+        block_hash: Hash,
+        /// The anchoring account.
+        #[serde(with = "hex0x")]
+        from: [u8; 20],
+        /// The transaction's recipient.
+        #[serde(with = "hex0x")]
+        to: [u8; 20],
+        #[serde(with = "hex32")]
+        checkpoint_hash: Hash,
+    },
+}
+
+/// The first bytes of an anchoring transaction's calldata: ASCII `MNA1`.
+pub const EVM_CALLDATA_MAGIC: [u8; 4] = *b"MNA1";
+
+/// The calldata of a transaction that anchors a checkpoint: `MNA1` followed
+/// by SHA-256 of the signed checkpoint note (36 bytes).
+pub fn evm_calldata(checkpoint_hash: &Hash) -> [u8; 36] {
+    let mut out = [0u8; 36];
+    out[..4].copy_from_slice(&EVM_CALLDATA_MAGIC);
+    out[4..].copy_from_slice(checkpoint_hash);
+    out
 }
 
 /// Why a receipt does not bind the checkpoint.
@@ -97,6 +131,20 @@ impl Receipt {
                 }
                 Ok(())
             }
+            Receipt::Evm { checkpoint_hash, .. } => {
+                if !hash_eq(checkpoint_hash, &sha256(checkpoint_note.as_bytes())) {
+                    return Err(ReceiptProblem::CheckpointHash);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The ledger's name, as anchors and the store call it.
+    pub fn ledger(&self) -> &'static str {
+        match self {
+            Receipt::Local { .. } => "local",
+            Receipt::Evm { .. } => "evm",
         }
     }
 
@@ -107,7 +155,30 @@ impl Receipt {
                 "local ledger entry {index} ({}), anchored at {anchored_at_ms} ms",
                 hex::encode(entry_hash)
             ),
+            Receipt::Evm { chain_id, tx_hash, block_number, .. } => format!(
+                "EVM chain {chain_id}, transaction 0x{} in block {block_number}",
+                hex::encode(tx_hash)
+            ),
         }
+    }
+}
+
+/// `0x`-prefixed hex of a fixed-size byte string, as EVM tools write it.
+pub(crate) mod hex0x {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer, const N: usize>(h: &[u8; N], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("0x{}", hex::encode(h)))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, const N: usize>(d: D) -> Result<[u8; N], D::Error> {
+        let s = String::deserialize(d)?;
+        let digits =
+            s.strip_prefix("0x").ok_or_else(|| serde::de::Error::custom("expected 0x-prefixed hex"))?;
+        let mut out = [0u8; N];
+        hex::decode_to_slice(digits, &mut out)
+            .map_err(|_| serde::de::Error::custom(format!("expected 0x and {} hex digits", 2 * N)))?;
+        Ok(out)
     }
 }
 

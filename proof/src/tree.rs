@@ -27,7 +27,7 @@ fn split(n: u64) -> u64 {
 /// MTH over leaves `[lo, hi)`, hi > lo.
 pub fn subtree_root<S: NodeSource>(src: &mut S, lo: u64, hi: u64) -> Result<Hash, S::Error> {
     let n = hi - lo;
-    if n.is_power_of_two() && lo % n == 0 {
+    if n.is_power_of_two() && lo.is_multiple_of(n) {
         return src.node(n.trailing_zeros(), lo >> n.trailing_zeros());
     }
     let k = split(n);

@@ -453,7 +453,9 @@ fn generate() -> Value {
         "receipt-mismatch",
         &payload,
         m(&|b| {
-            let Receipt::Local { checkpoint_hash, .. } = &mut b.receipts[0];
+            let Receipt::Local { checkpoint_hash, .. } = &mut b.receipts[0] else {
+                panic!("a local receipt")
+            };
             flip_bit(checkpoint_hash, 5, 4);
         }),
     );
@@ -462,7 +464,7 @@ fn generate() -> Value {
         "receipt-mismatch",
         &payload,
         m(&|b| {
-            let Receipt::Local { entry_hash, .. } = &mut b.receipts[0];
+            let Receipt::Local { entry_hash, .. } = &mut b.receipts[0] else { panic!("a local receipt") };
             flip_bit(entry_hash, 0, 0);
         }),
     );
@@ -471,7 +473,7 @@ fn generate() -> Value {
         "receipt-mismatch",
         &payload,
         m(&|b| {
-            let Receipt::Local { prev_hash, .. } = &mut b.receipts[0];
+            let Receipt::Local { prev_hash, .. } = &mut b.receipts[0] else { panic!("a local receipt") };
             flip_bit(prev_hash, 31, 0);
         }),
     );
@@ -480,7 +482,7 @@ fn generate() -> Value {
         "receipt-mismatch",
         &payload,
         m(&|b| {
-            let Receipt::Local { index, .. } = &mut b.receipts[0];
+            let Receipt::Local { index, .. } = &mut b.receipts[0] else { panic!("a local receipt") };
             *index += 1;
         }),
     );
@@ -489,7 +491,7 @@ fn generate() -> Value {
         "receipt-mismatch",
         &payload,
         m(&|b| {
-            let Receipt::Local { anchored_at_ms, .. } = &mut b.receipts[0];
+            let Receipt::Local { anchored_at_ms, .. } = &mut b.receipts[0] else { panic!("a local receipt") };
             *anchored_at_ms += 1;
         }),
     );
