@@ -52,6 +52,17 @@ enum Command {
         /// The broker's verifier key (broker.pub).
         #[arg(long)]
         broker_key: PathBuf,
+        /// Check EVM receipts on chain through this JSON-RPC endpoint;
+        /// without it they are reported as unchecked.
+        #[arg(long)]
+        rpc: Option<String>,
+        /// The broker's EVM anchoring address (0x...); EVM receipts must
+        /// come from it. Without it, the receipt's own `from` is checked.
+        #[arg(long, requires = "rpc")]
+        evm_from: Option<String>,
+        /// Confirmations an EVM anchor needs.
+        #[arg(long, default_value_t = 1, requires = "rpc")]
+        confirmations: u64,
     },
     /// Ledger maintenance.
     Ledger {
@@ -163,7 +174,10 @@ fn main() -> ExitCode {
             print!("{}", config::DEFAULT_CONFIG);
             ExitCode::SUCCESS
         }
-        Command::Verify { bundle, payload, broker_key } => verify::bundle(&bundle, &payload, &broker_key),
+        Command::Verify { bundle, payload, broker_key, rpc, evm_from, confirmations } => {
+            let chain = rpc.map(|url| verify::ChainCheck { url, from: evm_from, confirmations });
+            verify::bundle(&bundle, &payload, &broker_key, chain.as_ref())
+        }
         Command::Ledger { command: LedgerCommand::Verify { data_dir, broker_key } } => {
             verify::ledger(&data_dir, broker_key.as_deref())
         }

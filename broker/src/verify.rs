@@ -26,13 +26,29 @@ fn read_key(path: &Path) -> Result<NoteVerifier, ExitCode> {
     NoteVerifier::from_key_string(&text).map_err(|e| fail(ERROR, format!("{}: {e}", path.display())))
 }
 
+/// How to check EVM receipts on chain (`verify --rpc`).
+pub struct ChainCheck {
+    pub url: String,
+    /// The expected anchoring address, `0x` and 40 hex digits.
+    pub from: Option<String>,
+    pub confirmations: u64,
+}
+
 /// Verifies a bundle file (one bundle, or the JSON array `/v1/proofs` serves,
-/// in which case every bundle must verify).
-pub fn bundle(bundle: &Path, payload: &Path, key: &Path) -> ExitCode {
+/// in which case every bundle must verify). EVM receipts are checked on
+/// chain with `chain`, and reported as unchecked without it.
+pub fn bundle(bundle: &Path, payload: &Path, key: &Path, chain: Option<&ChainCheck>) -> ExitCode {
     let run = || -> Result<ExitCode, ExitCode> {
         let json = read(bundle)?;
         let payload = read(payload)?;
         let key = read_key(key)?;
+        let evm_from = match chain.and_then(|c| c.from.as_deref()) {
+            Some(a) => Some(
+                parse_address(a)
+                    .ok_or_else(|| fail(ERROR, format!("--evm-from {a:?}: expected 0x and 40 hex digits")))?,
+            ),
+            None => None,
+        };
         let bundles: Vec<ProofBundle> = match serde_json::from_slice::<serde_json::Value>(&json) {
             Ok(serde_json::Value::Array(items)) => items
                 .into_iter()
@@ -48,7 +64,10 @@ pub fn bundle(bundle: &Path, payload: &Path, key: &Path) -> ExitCode {
         }
         for b in &bundles {
             match verify_bundle(b, &payload, &key) {
-                Ok(v) => print_verified(&v),
+                Ok(v) => {
+                    print_verified(&v);
+                    check_chain(&v, chain, evm_from)?;
+                }
                 Err(e) => return Err(fail(INVALID, format!("{e} [{}]", e.code()))),
             }
         }
@@ -86,6 +105,31 @@ fn print_verified(v: &Verified) {
     for r in &v.receipts {
         println!("  anchor:      {}", r.describe());
     }
+}
+
+fn parse_address(s: &str) -> Option<[u8; 20]> {
+    let mut out = [0u8; 20];
+    hex::decode_to_slice(s.strip_prefix("0x")?, &mut out).ok()?;
+    Some(out)
+}
+
+/// Checks each EVM receipt of a verified bundle on chain, or says it is
+/// unchecked. An RPC endpoint that cannot answer is an error (exit 2), not
+/// a verdict.
+fn check_chain(v: &Verified, chain: Option<&ChainCheck>, from: Option<[u8; 20]>) -> Result<(), ExitCode> {
+    use notary_anchor::evm::{check_on_chain, OnChainError};
+    for r in v.receipts.iter().filter(|r| matches!(r, notary_proof::Receipt::Evm { .. })) {
+        let Some(c) = chain else {
+            println!("  on chain:    unchecked (give --rpc URL to check the EVM receipt)");
+            continue;
+        };
+        match check_on_chain(&c.url, r, from, c.confirmations, std::time::Duration::from_secs(30)) {
+            Ok(n) => println!("  on chain:    confirmed, {n} confirmations"),
+            Err(OnChainError::Unreachable(m)) => return Err(fail(ERROR, format!("EVM RPC {}: {m}", c.url))),
+            Err(e) => return Err(fail(INVALID, format!("EVM receipt: {e} [evm-receipt]"))),
+        }
+    }
+    Ok(())
 }
 
 /// Walks the local ledger and checks every anchored checkpoint against the

@@ -5,6 +5,7 @@ mod access;
 mod bad_input;
 mod cli;
 mod devices;
+mod evm;
 mod notarize;
 mod restart;
 mod support;

@@ -415,3 +415,50 @@ impl Notary {
         })
     }
 }
+
+/// A real anvil dev chain on a free port (`ANVIL`, else `anvil` on PATH;
+/// `scripts/test` installs it).
+pub struct Anvil {
+    child: Child,
+    pub url: String,
+}
+
+/// anvil's first dev account, funded on every fresh chain.
+pub const ANVIL_KEY: [u8; 32] = [
+    0xac, 0x09, 0x74, 0xbe, 0xc3, 0x9a, 0x17, 0xe3, 0x6b, 0xa4, 0xa6, 0xb4, 0xd2, 0x38, 0xff, 0x94, 0x4b,
+    0xac, 0xb4, 0x78, 0xcb, 0xed, 0x5e, 0xfc, 0xae, 0x78, 0x4d, 0x7b, 0xf4, 0xf2, 0xff, 0x80,
+];
+
+impl Anvil {
+    pub fn start() -> Anvil {
+        let port = free_port();
+        let bin = std::env::var("ANVIL").unwrap_or_else(|_| "anvil".into());
+        let child = Command::new(&bin)
+            .args(["--port", &port.to_string(), "--silent"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin} ({e}); scripts/test installs it"));
+        Anvil { child, url: format!("http://127.0.0.1:{port}") }
+    }
+
+    /// An EVM client with the funded dev key, once the chain answers.
+    pub fn client(&self) -> notary_anchor::evm::EvmClient {
+        let settings = notary_anchor::evm::EvmSettings {
+            rpc_url: self.url.clone(),
+            private_key: ANVIL_KEY,
+            to: None,
+            chain_id: Some(31337),
+            confirmations: 1,
+            timeout: Duration::from_secs(10),
+        };
+        eventually("anvil to answer", || notary_anchor::evm::EvmClient::connect(&settings).ok())
+    }
+}
+
+impl Drop for Anvil {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
