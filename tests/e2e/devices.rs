@@ -205,6 +205,18 @@ fn every_rejection_reason_is_published_counted_and_recorded() {
         assert!(body.contains(&format!("\"reason\":\"{reason}\"")), "{body}");
     }
 
+    // Over MQTT, a proof request for a rejected payload answers "rejected".
+    let inbox = Subscriber::start(n.mqtt, &["notary/proof/response/rej"], &[]);
+    let request = format!(
+        "{{\"id\":7,\"digest\":\"{}\",\"reply_to\":\"notary/proof/response/rej\"}}",
+        blake3_hex(&cases[4].2)
+    );
+    assert!(publish(n.mqtt, "notary/proof/request", request.as_bytes(), &[]).status.success());
+    let (_, answer) = inbox.next_message();
+    let answer: serde_json::Value = serde_json::from_str(&answer).expect("answer is JSON");
+    assert_eq!(answer["status"], "rejected", "{answer}");
+    assert_eq!(answer["rejections"][0]["reason"], "bad-signature", "{answer}");
+
     // The valid envelope is accepted once; the captured copy is a replay.
     assert!(publish(n.mqtt, "secure/a", &valid, &[]).status.success());
     verify_device_signed(&n, &n.wait_proof(&valid), &valid, "good");
