@@ -306,6 +306,16 @@ impl Drop for Subscriber {
 
 /// Runs `mqtt-notary verify`; returns (exit code, stdout, stderr).
 pub fn cli_verify(bundle_json: &str, payload: &[u8], key: &Path) -> (i32, String, String) {
+    cli_verify_with(bundle_json, payload, key, &[])
+}
+
+/// `mqtt-notary verify` with extra arguments (`--rpc ...`).
+pub fn cli_verify_with(
+    bundle_json: &str,
+    payload: &[u8],
+    key: &Path,
+    extra: &[&str],
+) -> (i32, String, String) {
     let dir = tempfile::tempdir().expect("temp dir");
     let (b, p) = (dir.path().join("bundle.json"), dir.path().join("payload"));
     std::fs::write(&b, bundle_json).expect("write bundle");
@@ -318,6 +328,7 @@ pub fn cli_verify(bundle_json: &str, payload: &[u8], key: &Path) -> (i32, String
         .arg(&p)
         .arg("--broker-key")
         .arg(key)
+        .args(extra)
         .output()
         .expect("run verify");
     (
