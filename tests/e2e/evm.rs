@@ -5,7 +5,6 @@
 use crate::support::*;
 use notary_anchor::evm::TxState;
 use notary_proof::{ProofBundle, Receipt};
-use std::process::Command;
 
 fn verify(
     bundle: &ProofBundle,
@@ -13,26 +12,7 @@ fn verify(
     key: &std::path::Path,
     extra: &[&str],
 ) -> (i32, String, String) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let (b, p) = (dir.path().join("bundle.json"), dir.path().join("payload"));
-    std::fs::write(&b, serde_json::to_string(bundle).expect("json")).expect("write");
-    std::fs::write(&p, payload).expect("write");
-    let out = Command::new(BIN)
-        .arg("verify")
-        .arg("--bundle")
-        .arg(&b)
-        .arg("--payload")
-        .arg(&p)
-        .arg("--broker-key")
-        .arg(key)
-        .args(extra)
-        .output()
-        .expect("run verify");
-    (
-        code(out.status),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
+    cli_verify_with(&serde_json::to_string(bundle).expect("json"), payload, key, extra)
 }
 
 #[test]
