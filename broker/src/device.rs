@@ -39,8 +39,14 @@ pub fn keygen(id: &str, out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn open_store(data_dir: &Path) -> anyhow::Result<Store> {
-    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+/// Opens the store; only enrolment may create it (before the broker's first
+/// start), so a mistyped `--data-dir` is an error, not an empty registry.
+fn open_store(data_dir: &Path, create: bool) -> anyhow::Result<Store> {
+    if create {
+        std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    } else if !data_dir.join(notary_plugin::store::STORE_FILE).exists() {
+        bail!("{}: no mqtt-notary store here", data_dir.display());
+    }
     Store::open(data_dir).with_context(|| format!("opening the store in {}", data_dir.display()))
 }
 
@@ -53,7 +59,7 @@ pub fn change(
     public_key: Option<&str>,
 ) -> anyhow::Result<()> {
     let key = public_key.map(parse_key_hex).transpose().map_err(|e| anyhow!(e))?;
-    let store = open_store(data_dir)?;
+    let store = open_store(data_dir, action == RegistryAction::Enrol)?;
     notary_plugin::registry::precheck(&store, action, id, key).map_err(|e| anyhow!("{id}: {e}"))?;
     let n = store.queue_command(action, id, key, "cli", now_ms())?;
     println!("queued {} of {id} (command {n}); the broker applies it as a registry leaf", action.as_str());
@@ -62,7 +68,7 @@ pub fn change(
 
 /// Prints the registry (and queued or refused commands) as a table or JSON.
 pub fn list(data_dir: &Path, json: bool) -> anyhow::Result<()> {
-    let store = open_store(data_dir)?;
+    let store = open_store(data_dir, false)?;
     let devices = store.devices()?;
     let commands = store.commands(true)?;
     let waiting: Vec<_> = commands.iter().filter(|c| c.applied_seq.is_none() && c.error.is_none()).collect();

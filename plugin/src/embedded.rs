@@ -70,12 +70,20 @@ fn rumqttd_config(s: &EmbeddedSettings) -> Config {
     };
     if let Some(passwords) = &s.passwords {
         let passwords = passwords.clone();
+        // Password hashing (PBKDF2, as many iterations as the file says)
+        // runs on the blocking pool, never on the threads that serve
+        // connections.
         listener.set_auth_handler(move |_client_id: String, user: String, password: String| {
-            let ok = passwords.check(&user, password.as_bytes());
-            if !ok {
-                tracing::warn!(%user, "MQTT login refused");
+            let passwords = passwords.clone();
+            async move {
+                let name = user.clone();
+                let check = move || passwords.check(&name, password.as_bytes());
+                let ok = tokio::task::spawn_blocking(check).await.unwrap_or(false);
+                if !ok {
+                    tracing::warn!(%user, "MQTT login refused");
+                }
+                ok
             }
-            std::future::ready(ok)
         });
     }
     Config {

@@ -278,6 +278,12 @@ fn rotated_and_revoked_keys_keep_old_proofs_valid_and_refuse_new_messages() {
     let list = n.devices();
     assert_eq!(list["devices"][0]["status"], "revoked");
     assert_eq!(list["refused"].as_array().map(Vec::len), Some(0));
+    // A mistyped data directory is an error, not an empty registry.
+    let missing = n.dir.with_extension("typo");
+    let (code, _, err) = device(&["list", "--data-dir", missing.to_str().expect("utf-8")]);
+    assert_eq!(code, 2);
+    assert!(err.contains("no mqtt-notary store"), "{err}");
+    assert!(!missing.exists());
     // The CLI refuses what the broker would refuse.
     let dir = n.dir.to_str().expect("utf-8");
     let (code, _, err) = device(&["rotate", "dev", "--public-key", &public_a, "--data-dir", dir]);
