@@ -5,19 +5,21 @@
 //! works on any EVM chain, and anyone can check it with an RPC endpoint
 //! alone: [`check_on_chain`].
 //!
-//! This file holds the chain operations: submitting an anchoring
-//! transaction, following it to finality, and checking a receipt against a
-//! chain. Scheduling (the newest checkpoint at most once per interval) is
-//! the caller's.
+//! This file holds the chain operations: signing an anchoring transaction
+//! locally (so its hash is known, and can be persisted, before it is sent),
+//! broadcasting it, following it to finality, and checking a receipt
+//! against a chain. Scheduling (the newest checkpoint at most once per
+//! interval) and persistence are the caller's.
 
-use alloy::network::TransactionBuilder as _;
+use alloy::network::eip2718::Encodable2718 as _;
+use alloy::network::{EthereumWallet, NetworkTransactionBuilder as _, TransactionBuilder as _};
 use alloy::primitives::{Address, Bytes, B256};
 use alloy::providers::{Provider, ProviderBuilder};
 use alloy::rpc::types::TransactionRequest;
 use alloy::signers::local::PrivateKeySigner;
 use notary_proof::hash::sha256;
 use notary_proof::receipt::evm_calldata;
-use notary_proof::{Hash, Receipt};
+use notary_proof::{EvmStatus, Hash, Receipt};
 use std::time::Duration;
 
 /// How to reach the chain and anchor on it.
@@ -42,7 +44,7 @@ impl std::fmt::Debug for EvmSettings {
     // The private key never reaches a log.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EvmSettings")
-            .field("rpc_url", &self.rpc_url)
+            .field("rpc_url", &redact(&self.rpc_url, &self.rpc_url))
             .field("to", &self.to.map(hex::encode))
             .field("chain_id", &self.chain_id)
             .field("confirmations", &self.confirmations)
@@ -58,6 +60,36 @@ pub enum EvmError {
     /// Needs an operator: wrong chain, unfunded account, bad settings.
     #[error("{0}")]
     Config(String),
+    /// The node refused the transaction because its nonce is used already
+    /// (by another transaction of the account, or by this one, mined).
+    #[error("nonce already used: {0}")]
+    NonceUsed(String),
+    /// The node refused the transaction for another reason (fee too low,
+    /// gas limit, ...). Sign a new one rather than sending this one again.
+    #[error("refused by the node: {0}")]
+    Refused(String),
+}
+
+/// An anchoring transaction, signed and not necessarily sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedAnchor {
+    pub tx_hash: Hash,
+    /// The EIP-2718 encoding, as `eth_sendRawTransaction` takes it.
+    pub raw: Vec<u8>,
+    pub nonce: u64,
+}
+
+/// An RPC URL often carries an API key (in its path, query or user info);
+/// errors that quote it are logged with only its scheme, host and port.
+pub fn redact(message: &str, rpc_url: &str) -> String {
+    let Some((scheme, rest)) = rpc_url.split_once("://") else {
+        return message.replace(rpc_url, "<rpc url>");
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = authority.rsplit('@').next().unwrap_or("");
+    let shown = format!("{scheme}://{host}/...");
+    // reqwest may print the URL normalized with a trailing slash.
+    message.replace(rpc_url, &shown).replace(&format!("{rpc_url}/"), &shown)
 }
 
 /// Where an anchoring transaction stands.
@@ -78,6 +110,7 @@ pub enum TxState {
 pub struct EvmClient {
     rt: tokio::runtime::Runtime,
     provider: alloy::providers::DynProvider,
+    wallet: EthereumWallet,
     from: Address,
     to: Address,
     chain_id: u64,
@@ -98,10 +131,11 @@ impl EvmClient {
         let url =
             s.rpc_url.parse().map_err(|_| EvmError::Config(format!("invalid RPC URL {:?}", s.rpc_url)))?;
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(rpc)?;
-        let provider = ProviderBuilder::new().wallet(signer).connect_http(url).erased();
+        let provider = ProviderBuilder::new().disable_recommended_fillers().connect_http(url).erased();
         let mut client = EvmClient {
             rt,
             provider,
+            wallet: EthereumWallet::from(signer),
             from,
             to: s.to.map_or(from, Address::from),
             chain_id: 0,
@@ -138,17 +172,83 @@ impl EvmClient {
             .map_err(classify)
     }
 
-    /// Sends the anchoring transaction for a checkpoint note; returns its hash.
-    /// The nonce, gas and fees come from the node.
-    pub fn submit(&self, checkpoint_note: &str) -> Result<Hash, EvmError> {
+    /// The account's next nonce: counting only mined transactions
+    /// (`pending = false`), or also those in the node's pool.
+    pub fn nonce(&self, pending: bool) -> Result<u64, EvmError> {
+        let from = self.from;
+        if pending {
+            self.call(|p| async move { p.get_transaction_count(from).pending().await })
+        } else {
+            self.call(|p| async move { p.get_transaction_count(from).latest().await })
+        }
+    }
+
+    /// Signs, without sending, the transaction that anchors a checkpoint
+    /// note at `nonce`. Gas and fees come from the node (EIP-1559 where the
+    /// chain has a base fee, else a legacy gas price).
+    pub fn sign(&self, checkpoint_note: &str, nonce: u64) -> Result<SignedAnchor, EvmError> {
         let data = evm_calldata(&sha256(checkpoint_note.as_bytes()));
-        let tx = TransactionRequest::default()
+        let mut tx = TransactionRequest::default()
             .with_from(self.from)
             .with_to(self.to)
             .with_chain_id(self.chain_id)
+            .with_nonce(nonce)
             .with_input(Bytes::copy_from_slice(&data));
-        let pending = self.call(|p| async move { p.send_transaction(tx).await })?;
-        Ok((*pending.tx_hash()).into())
+        let probe = tx.clone();
+        let gas = self.call(|p| async move { p.estimate_gas(probe).await })?;
+        tx.set_gas_limit(gas);
+        match self.call(|p| async move { p.estimate_eip1559_fees().await }) {
+            Ok(fees) => {
+                tx.set_max_fee_per_gas(fees.max_fee_per_gas);
+                tx.set_max_priority_fee_per_gas(fees.max_priority_fee_per_gas);
+            }
+            Err(EvmError::Rpc(_)) => {
+                let price = self.call(|p| async move { p.get_gas_price().await })?;
+                tx.set_gas_price(price);
+            }
+            Err(e) => return Err(e),
+        }
+        let envelope = self
+            .rt
+            .block_on(tx.build(&self.wallet))
+            .map_err(|e| EvmError::Config(format!("cannot sign the anchoring transaction: {e}")))?;
+        Ok(SignedAnchor { tx_hash: (*envelope.tx_hash()).into(), raw: envelope.encoded_2718(), nonce })
+    }
+
+    /// Sends a signed transaction. Sending one the node already holds is
+    /// not an error, so a broadcast may be repeated safely.
+    pub fn broadcast(&self, raw: &[u8]) -> Result<(), EvmError> {
+        let raw = raw.to_vec();
+        let result = self
+            .rt
+            .block_on(async {
+                tokio::time::timeout(self.timeout, self.provider.send_raw_transaction(&raw)).await
+            })
+            .map_err(|_| EvmError::Rpc("timed out".into()))?;
+        let Err(e) = result else { return Ok(()) };
+        let Some(resp) = e.as_error_resp() else { return Err(classify(e)) };
+        let message = resp.message.to_string();
+        let lower = message.to_ascii_lowercase();
+        if lower.contains("already known")
+            || lower.contains("known transaction")
+            || lower.contains("already imported")
+        {
+            Ok(())
+        } else if lower.contains("nonce too low") || lower.contains("nonce has already been used") {
+            Err(EvmError::NonceUsed(message))
+        } else if lower.contains("insufficient funds") || lower.contains("chain id") {
+            Err(EvmError::Config(message))
+        } else {
+            Err(EvmError::Refused(message))
+        }
+    }
+
+    /// Signs and sends the anchoring transaction for a checkpoint note at the
+    /// account's next nonce; returns its hash.
+    pub fn submit(&self, checkpoint_note: &str) -> Result<Hash, EvmError> {
+        let signed = self.sign(checkpoint_note, self.nonce(true)?)?;
+        self.broadcast(&signed.raw)?;
+        Ok(signed.tx_hash)
     }
 
     /// Follows an anchoring transaction: mined, how deep, canonical.
@@ -170,10 +270,13 @@ impl EvmClient {
             return Ok(TxState::Unknown);
         }
         let head = self.call(|p| async move { p.get_block_number().await })?;
+        let confirmations = head.saturating_sub(number) + 1;
+        let status = if confirmations >= self.confirmations { EvmStatus::Final } else { EvmStatus::Pending };
         Ok(TxState::Mined {
-            confirmations: head.saturating_sub(number) + 1,
+            confirmations,
             gas_used: receipt.gas_used,
             receipt: Receipt::Evm {
+                status,
                 chain_id: self.chain_id,
                 tx_hash: *tx_hash,
                 block_number: number,
@@ -247,7 +350,7 @@ pub fn check_on_chain(
     min_confirmations: u64,
     timeout: Duration,
 ) -> Result<u64, OnChainError> {
-    let Receipt::Evm { chain_id, tx_hash, block_number, block_hash, from, to, checkpoint_hash } = receipt
+    let Receipt::Evm { chain_id, tx_hash, block_number, block_hash, from, to, checkpoint_hash, .. } = receipt
     else {
         return Err(OnChainError::NotEvm);
     };
@@ -315,4 +418,17 @@ pub fn check_on_chain(
         }
         Ok(confirmations)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn rpc_urls_are_redacted_in_logs() {
+        let url = "https://user:pw@mainnet.example.io/v3/SECRETKEY?x=1";
+        let m = redact(&format!("error sending request for url ({url})"), url);
+        assert!(!m.contains("SECRETKEY") && !m.contains("pw@"), "{m}");
+        assert!(m.contains("https://mainnet.example.io/..."), "{m}");
+    }
 }

@@ -174,6 +174,7 @@ fn an_unreachable_endpoint_is_transient() {
         other => panic!("expected a transient error, got {:?}", other.err()),
     }
     let receipt = Receipt::Evm {
+        status: notary_proof::EvmStatus::Final,
         chain_id: 31337,
         tx_hash: [1; 32],
         block_number: 1,

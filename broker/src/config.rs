@@ -18,7 +18,145 @@ pub struct Config {
     pub log: LogConfig,
     pub ingest: IngestConfig,
     pub devices: DevicesConfig,
+    pub anchor: AnchorConfig,
 }
+
+/// Ledgers beyond the local one, which is always on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnchorConfig {
+    pub evm: Option<EvmConfig>,
+}
+
+/// `[anchor.evm]`: anchoring on an EVM chain over JSON-RPC.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvmConfig {
+    pub rpc_url: String,
+    pub chain_id: u64,
+    #[serde(default)]
+    pub private_key_file: Option<PathBuf>,
+    #[serde(default)]
+    pub private_key_env: Option<String>,
+    #[serde(default)]
+    pub to: Option<String>,
+    #[serde(default = "EvmConfig::default_confirmations")]
+    pub confirmations: u64,
+    #[serde(default = "EvmConfig::default_interval")]
+    pub anchor_interval_ms: u64,
+    #[serde(default = "EvmConfig::default_poll")]
+    pub poll_interval_ms: u64,
+    #[serde(default = "EvmConfig::default_timeout")]
+    pub rpc_timeout_ms: u64,
+    #[serde(default = "EvmConfig::default_max_retry")]
+    pub max_retry_ms: u64,
+}
+
+impl EvmConfig {
+    fn default_confirmations() -> u64 {
+        12
+    }
+    fn default_interval() -> u64 {
+        3_600_000
+    }
+    fn default_poll() -> u64 {
+        5_000
+    }
+    fn default_timeout() -> u64 {
+        10_000
+    }
+    fn default_max_retry() -> u64 {
+        60_000
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if !(self.rpc_url.starts_with("http://") || self.rpc_url.starts_with("https://")) {
+            bail!("anchor.evm.rpc_url must be an http:// or https:// URL");
+        }
+        if self.chain_id == 0 {
+            bail!("anchor.evm.chain_id must be the chain's id (e.g. 1 for Ethereum, 8822 for IOTA EVM)");
+        }
+        match (&self.private_key_file, &self.private_key_env) {
+            (Some(_), None) | (None, Some(_)) => {}
+            _ => bail!("anchor.evm needs exactly one of private_key_file and private_key_env"),
+        }
+        if let Some(to) = &self.to {
+            parse_address(to).with_context(|| format!("anchor.evm.to = {to:?}"))?;
+        }
+        if self.confirmations == 0 {
+            bail!("anchor.evm.confirmations must be at least 1");
+        }
+        if self.anchor_interval_ms == 0 || self.poll_interval_ms == 0 || self.rpc_timeout_ms == 0 {
+            bail!("anchor.evm.anchor_interval_ms, poll_interval_ms and rpc_timeout_ms must be at least 1");
+        }
+        if self.max_retry_ms < self.poll_interval_ms {
+            bail!("anchor.evm.max_retry_ms must be at least poll_interval_ms");
+        }
+        Ok(())
+    }
+
+    /// The settings for the anchorer, with the private key read from its
+    /// file or environment variable. The key itself never appears in an
+    /// error message.
+    pub fn anchor_config(&self) -> anyhow::Result<notary_plugin::evm_anchor::EvmAnchorConfig> {
+        let (text, source) = match (&self.private_key_file, &self.private_key_env) {
+            (Some(path), _) => {
+                warn_if_readable_by_others(path);
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the EVM private key {}", path.display()))?;
+                (text, path.display().to_string())
+            }
+            (None, Some(var)) => {
+                let text = std::env::var(var).with_context(|| {
+                    format!("the environment variable {var} (EVM private key) is not set")
+                })?;
+                (text, format!("${var}"))
+            }
+            (None, None) => bail!("anchor.evm needs private_key_file or private_key_env"),
+        };
+        let digits = text.trim();
+        let digits = digits.strip_prefix("0x").unwrap_or(digits);
+        let mut private_key = [0u8; 32];
+        if hex::decode_to_slice(digits, &mut private_key).is_err() {
+            bail!("{source}: an EVM private key must be 64 hex digits");
+        }
+        let to = self.to.as_deref().map(parse_address).transpose()?;
+        Ok(notary_plugin::evm_anchor::EvmAnchorConfig {
+            settings: notary_anchor::evm::EvmSettings {
+                rpc_url: self.rpc_url.clone(),
+                private_key,
+                to,
+                chain_id: Some(self.chain_id),
+                confirmations: self.confirmations,
+                timeout: std::time::Duration::from_millis(self.rpc_timeout_ms),
+            },
+            interval_ms: self.anchor_interval_ms,
+            poll_ms: self.poll_interval_ms,
+            max_retry_ms: self.max_retry_ms,
+        })
+    }
+}
+
+/// `0x` and 40 hex digits.
+pub fn parse_address(s: &str) -> anyhow::Result<[u8; 20]> {
+    let mut out = [0u8; 20];
+    let digits = s.strip_prefix("0x").context("an EVM address starts with 0x")?;
+    hex::decode_to_slice(digits, &mut out).context("an EVM address is 0x and 40 hex digits")?;
+    Ok(out)
+}
+
+#[cfg(unix)]
+fn warn_if_readable_by_others(path: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(file = %path.display(), "the EVM private key file is readable by other users; chmod 600 it");
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn warn_if_readable_by_others(_: &Path) {}
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -114,6 +252,7 @@ impl Default for Config {
             log: LogConfig::default(),
             ingest: IngestConfig::default(),
             devices: DevicesConfig::default(),
+            anchor: AnchorConfig::default(),
         }
     }
 }
@@ -193,6 +332,9 @@ impl Config {
         if self.log.origin.contains(['+', ' ', '\t', '\n']) {
             bail!("log.origin must not contain '+' or whitespace");
         }
+        if let Some(evm) = &self.anchor.evm {
+            evm.validate()?;
+        }
         Ok(())
     }
 }
@@ -215,6 +357,42 @@ mod tests {
         let cfg: Config =
             toml::from_str("[devices]\nrequire_signature = [\"a/+/b\", \"#\"]\n").expect("parses");
         assert!(cfg.validate().is_ok());
+    }
+
+    #[test]
+    fn the_evm_anchor_needs_one_key_source_and_a_chain() {
+        let base = "[anchor.evm]\nrpc_url = \"http://127.0.0.1:8545\"\nchain_id = 31337\n";
+        let parse = |extra: &str| toml::from_str::<Config>(&format!("{base}{extra}")).expect("parses");
+        assert!(parse("").validate().is_err(), "no key source");
+        assert!(parse("private_key_file = \"k\"\nprivate_key_env = \"K\"\n").validate().is_err());
+        let ok = parse("private_key_env = \"K\"\n");
+        ok.validate().expect("valid");
+        let evm = ok.anchor.evm.as_ref().expect("evm");
+        assert_eq!((evm.confirmations, evm.anchor_interval_ms), (12, 3_600_000));
+        assert!(parse("private_key_env = \"K\"\nto = \"0x12\"\n").validate().is_err());
+        assert!(parse("private_key_env = \"K\"\nconfirmations = 0\n").validate().is_err());
+        let no_chain = "[anchor.evm]\nrpc_url = \"http://x\"\nprivate_key_env = \"K\"\n";
+        assert!(toml::from_str::<Config>(no_chain).is_err(), "chain_id is required");
+    }
+
+    #[test]
+    fn the_evm_key_is_read_from_a_file_and_never_echoed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("evm.key");
+        let key = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80\n";
+        std::fs::write(&path, key).expect("write");
+        let cfg: Config = toml::from_str(&format!(
+            "[anchor.evm]\nrpc_url = \"http://127.0.0.1:8545\"\nchain_id = 31337\nprivate_key_file = {:?}\n",
+            path.display().to_string()
+        ))
+        .expect("parses");
+        let evm = cfg.anchor.evm.as_ref().expect("evm");
+        let settings = evm.anchor_config().expect("key read").settings;
+        assert_eq!(hex::encode(settings.private_key), &key[2..66]);
+        assert!(!format!("{settings:?}").contains(&key[2..66]), "Debug hides the key");
+        std::fs::write(&path, "not a key but secret-ish text").expect("write");
+        let err = format!("{:#}", evm.anchor_config().expect_err("bad key"));
+        assert!(err.contains("64 hex digits") && !err.contains("secret-ish"), "{err}");
     }
 
     #[test]

@@ -63,6 +63,11 @@ enum Command {
         /// Confirmations an EVM anchor needs.
         #[arg(long, default_value_t = 1, requires = "rpc")]
         confirmations: u64,
+        /// First fetch the current bundle for the same message from this
+        /// broker HTTP API (e.g. http://broker:8080): if it verifies, it
+        /// replaces the file (a pending anchor becomes final this way).
+        #[arg(long, value_name = "URL")]
+        upgrade: Option<String>,
     },
     /// Ledger maintenance.
     Ledger {
@@ -174,9 +179,9 @@ fn main() -> ExitCode {
             print!("{}", config::DEFAULT_CONFIG);
             ExitCode::SUCCESS
         }
-        Command::Verify { bundle, payload, broker_key, rpc, evm_from, confirmations } => {
+        Command::Verify { bundle, payload, broker_key, rpc, evm_from, confirmations, upgrade } => {
             let chain = rpc.map(|url| verify::ChainCheck { url, from: evm_from, confirmations });
-            verify::bundle(&bundle, &payload, &broker_key, chain.as_ref())
+            verify::bundle(&bundle, &payload, &broker_key, chain.as_ref(), upgrade.as_deref())
         }
         Command::Ledger { command: LedgerCommand::Verify { data_dir, broker_key } } => {
             verify::ledger(&data_dir, broker_key.as_deref())

@@ -123,6 +123,19 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
             max_batch_age_ms: cfg.log.max_batch_age_ms,
         },
         devices: cfg.devices.policy(),
+        evm: match &cfg.anchor.evm {
+            Some(evm) => {
+                let c = evm.anchor_config()?;
+                tracing::info!(
+                    chain_id = evm.chain_id,
+                    interval_ms = evm.anchor_interval_ms,
+                    confirmations = evm.confirmations,
+                    "anchoring on an EVM chain too"
+                );
+                Some(c)
+            }
+            None => None,
+        },
     };
     let pipeline = Pipeline::start(&pipeline_cfg, intake, inlets, outbox, signer, vec![ledger])?;
     let api = http::Api { proofs: pipeline.proofs.clone(), metrics: pipeline.metrics.clone() };

@@ -36,8 +36,17 @@ pub struct ChainCheck {
 
 /// Verifies a bundle file (one bundle, or the JSON array `/v1/proofs` serves,
 /// in which case every bundle must verify). EVM receipts are checked on
-/// chain with `chain`, and reported as unchecked without it.
-pub fn bundle(bundle: &Path, payload: &Path, key: &Path, chain: Option<&ChainCheck>) -> ExitCode {
+/// chain with `chain`, and reported as unchecked without it. With `upgrade`
+/// (a broker's HTTP base URL), each bundle is first replaced by the one the
+/// broker serves now for the same leaf, if that one verifies, and the file
+/// is rewritten.
+pub fn bundle(
+    bundle: &Path,
+    payload: &Path,
+    key: &Path,
+    chain: Option<&ChainCheck>,
+    upgrade: Option<&str>,
+) -> ExitCode {
     let run = || -> Result<ExitCode, ExitCode> {
         let json = read(bundle)?;
         let payload = read(payload)?;
@@ -49,18 +58,36 @@ pub fn bundle(bundle: &Path, payload: &Path, key: &Path, chain: Option<&ChainChe
             ),
             None => None,
         };
-        let bundles: Vec<ProofBundle> = match serde_json::from_slice::<serde_json::Value>(&json) {
-            Ok(serde_json::Value::Array(items)) => items
-                .into_iter()
-                .map(serde_json::from_value)
-                .collect::<Result<_, _>>()
-                .map_err(|e| fail(INVALID, format!("malformed bundle: {e} [malformed]")))?,
-            Ok(v) => vec![serde_json::from_value(v)
-                .map_err(|e| fail(INVALID, format!("malformed bundle: {e} [malformed]")))?],
-            Err(e) => return Err(fail(INVALID, format!("malformed bundle: {e} [malformed]"))),
-        };
+        let (mut bundles, is_array): (Vec<ProofBundle>, bool) =
+            match serde_json::from_slice::<serde_json::Value>(&json) {
+                Ok(serde_json::Value::Array(items)) => (
+                    items
+                        .into_iter()
+                        .map(serde_json::from_value)
+                        .collect::<Result<_, _>>()
+                        .map_err(|e| fail(INVALID, format!("malformed bundle: {e} [malformed]")))?,
+                    true,
+                ),
+                Ok(v) => (
+                    vec![serde_json::from_value(v)
+                        .map_err(|e| fail(INVALID, format!("malformed bundle: {e} [malformed]")))?],
+                    false,
+                ),
+                Err(e) => return Err(fail(INVALID, format!("malformed bundle: {e} [malformed]"))),
+            };
         if bundles.is_empty() {
             return Err(fail(INVALID, "the file holds no bundle [malformed]"));
+        }
+        if let Some(base) = upgrade {
+            upgrade_bundles(base, &mut bundles, &payload, &key)?;
+            let json = if is_array {
+                serde_json::to_string_pretty(&bundles)
+            } else {
+                serde_json::to_string_pretty(&bundles[0])
+            }
+            .map_err(|e| fail(ERROR, e))?;
+            write_atomically(bundle, json.as_bytes())?;
+            println!("upgraded: {} written from {base}", bundle.display());
         }
         for b in &bundles {
             match verify_bundle(b, &payload, &key) {
@@ -105,6 +132,72 @@ fn print_verified(v: &Verified) {
     for r in &v.receipts {
         println!("  anchor:      {}", r.describe());
     }
+    for (cp, receipts) in &v.later {
+        for r in receipts {
+            println!("  anchor:      {}", r.describe());
+            println!(
+                "               of checkpoint size {}, proven consistent with size {}",
+                cp.size, v.checkpoint.size
+            );
+        }
+    }
+    for ledger in &v.pending_ledgers {
+        println!("  pending:     {ledger}: not anchored there yet (ask again later: --upgrade URL)");
+    }
+}
+
+/// Replaces each bundle by the one the broker serves now for the same leaf.
+/// The new one must verify against the same payload and key; the broker is
+/// trusted for nothing.
+fn upgrade_bundles(
+    base: &str,
+    bundles: &mut [ProofBundle],
+    payload: &[u8],
+    key: &NoteVerifier,
+) -> Result<(), ExitCode> {
+    let rt =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| fail(ERROR, e))?;
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .map_err(|e| fail(ERROR, e))?;
+    for b in bundles.iter_mut() {
+        let leaf = notary_proof::LeafRecord::decode(&b.leaf)
+            .map_err(|e| fail(INVALID, format!("malformed bundle: leaf record: {e} [malformed]")))?;
+        let url = format!("{}/v1/proofs/{}", base.trim_end_matches('/'), hex::encode(leaf.payload_digest));
+        let (status, body) = rt
+            .block_on(async {
+                let resp = client.get(&url).send().await?;
+                let status = resp.status();
+                Ok::<_, reqwest::Error>((status, resp.bytes().await?))
+            })
+            .map_err(|e| fail(ERROR, format!("{url}: {e}")))?;
+        if status.as_u16() != 200 {
+            return Err(fail(ERROR, format!("{url}: HTTP {status}: {}", String::from_utf8_lossy(&body))));
+        }
+        let served: Vec<ProofBundle> = serde_json::from_slice(&body)
+            .map_err(|e| fail(ERROR, format!("{url}: not a list of bundles: {e}")))?;
+        let fresh = served
+            .into_iter()
+            .find(|n| n.leaf == b.leaf)
+            .ok_or_else(|| fail(ERROR, format!("{url}: the broker no longer serves this leaf")))?;
+        verify_bundle(&fresh, payload, key).map_err(|e| {
+            fail(INVALID, format!("the broker served a bundle that does not verify: {e} [{}]", e.code()))
+        })?;
+        *b = fresh;
+    }
+    Ok(())
+}
+
+/// Writes beside the file and renames over it, so a crash leaves the old
+/// bundle or the new one, never half of one.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ExitCode> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".upgrade");
+    let tmp = std::path::PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| fail(ERROR, format!("{}: {e}", path.display())))
 }
 
 fn parse_address(s: &str) -> Option<[u8; 20]> {
@@ -118,7 +211,7 @@ fn parse_address(s: &str) -> Option<[u8; 20]> {
 /// a verdict.
 fn check_chain(v: &Verified, chain: Option<&ChainCheck>, from: Option<[u8; 20]>) -> Result<(), ExitCode> {
     use notary_anchor::evm::{check_on_chain, OnChainError};
-    for r in v.receipts.iter().filter(|r| matches!(r, notary_proof::Receipt::Evm { .. })) {
+    for r in v.all_receipts().filter(|r| matches!(r, notary_proof::Receipt::Evm { .. })) {
         let Some(c) = chain else {
             println!("  on chain:    unchecked (give --rpc URL to check the EVM receipt)");
             continue;

@@ -14,6 +14,7 @@
 pub mod auth;
 pub mod batcher;
 pub mod embedded;
+pub mod evm_anchor;
 pub mod http;
 mod ingest;
 pub mod keys;
@@ -52,6 +53,8 @@ pub struct PipelineConfig {
     pub data_dir: PathBuf,
     pub policy: BatchPolicy,
     pub devices: DevicePolicy,
+    /// Anchor on an EVM chain too (besides the ledgers given to `start`).
+    pub evm: Option<evm_anchor::EvmAnchorConfig>,
 }
 
 /// The channels a pipeline reads; created before the source so the source
@@ -76,6 +79,9 @@ pub struct Pipeline {
     pub metrics: Arc<Metrics>,
     intake: Arc<Intake>,
     threads: Vec<JoinHandle<()>>,
+    /// Dropped at shutdown to stop the EVM anchorer.
+    evm_stop: Option<SyncSender<()>>,
+    evm_thread: Option<JoinHandle<()>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,7 +113,7 @@ impl Pipeline {
             metrics: metrics.clone(),
         };
         let recovered = sealer.recover()?;
-        let proofs = Arc::new(ProofService::open(&cfg.data_dir)?);
+        let proofs = Arc::new(ProofService::open(&cfg.data_dir, cfg.evm.is_some())?);
         let (seal_tx, seal_rx): (SyncSender<_>, _) = sync_channel(64);
 
         let mut threads = Vec::new();
@@ -130,14 +136,32 @@ impl Pipeline {
             threads
                 .push(spawn(&format!("notary-proofs-{i}"), Box::new(move || mqtt_api::serve(rx, p, o, m)))?);
         }
-        Ok(Pipeline { proofs, metrics, intake, threads })
+        let (evm_stop, evm_thread) = match &cfg.evm {
+            Some(evm) => {
+                let anchorer = evm_anchor::EvmAnchorer {
+                    store: Store::open(&cfg.data_dir)?,
+                    cfg: evm.clone(),
+                    metrics: metrics.clone(),
+                };
+                let (stop_tx, stop_rx) = sync_channel(1);
+                (Some(stop_tx), Some(spawn("notary-evm", Box::new(move || anchorer.run(stop_rx)))?))
+            }
+            None => (None, None),
+        };
+        Ok(Pipeline { proofs, metrics, intake, threads, evm_stop, evm_thread })
     }
 
     /// Stops taking messages, persists what was taken, seals and anchors the
     /// open batch, and returns when every pipeline thread has finished.
+    /// The EVM anchorer stops between steps; what it has in flight is in
+    /// the store and resumes at the next start.
     pub fn shutdown(self) {
         self.intake.close();
         for t in self.threads {
+            let _ = t.join();
+        }
+        drop(self.evm_stop);
+        if let Some(t) = self.evm_thread {
             let _ = t.join();
         }
     }

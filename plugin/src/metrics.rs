@@ -52,6 +52,14 @@ metrics! {
     proof_request_errors_total: "counter", "Proof requests answered with an error.";
     proof_requests_dropped_total: "counter", "Proof requests refused because the proof queue was full.";
     outbox_dropped_total: "counter", "Outgoing publishes dropped because the outbox was full.";
+    evm_anchors_signed_total: "counter", "EVM anchoring transactions signed (one per new anchor).";
+    evm_anchors_final_total: "counter", "EVM anchors that reached the configured confirmations.";
+    evm_anchored_size: "gauge", "Largest checkpoint size with a final EVM anchor.";
+    evm_rebroadcasts_total: "counter", "EVM anchoring transactions sent again after the chain lost them.";
+    evm_reorgs_total: "counter", "Times a reorganization moved or removed a mined EVM anchor.";
+    evm_abandoned_total: "counter", "EVM anchoring transactions that can never be mined; anchored anew.";
+    evm_rpc_errors_total: "counter", "Failed EVM RPC steps (retried with backoff).";
+    evm_config_errors_total: "counter", "EVM errors an operator must fix: wrong chain id, unfunded account.";
 }
 
 impl Metrics {

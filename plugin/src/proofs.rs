@@ -2,7 +2,9 @@
 //! store. Shared by the MQTT and HTTP front ends; read-only.
 
 use crate::store::{Rejection, Store, StoreError};
-use notary_proof::{BatchRecord, KeyEvidence, LeafProof, LeafRecord, ProofBundle, BUNDLE_FORMAT};
+use notary_proof::{
+    BatchRecord, KeyEvidence, LaterAnchor, LeafProof, LeafRecord, ProofBundle, BUNDLE_FORMAT,
+};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -23,6 +25,9 @@ pub enum ProofAnswer {
 
 pub struct ProofService {
     store: Mutex<Store>,
+    /// An EVM chain is configured: bundles not yet covered by an EVM anchor
+    /// list `evm` as pending.
+    evm: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,8 +41,8 @@ pub enum ProofError {
 }
 
 impl ProofService {
-    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        Ok(ProofService { store: Mutex::new(Store::open(data_dir)?) })
+    pub fn open(data_dir: &Path, evm: bool) -> Result<Self, StoreError> {
+        Ok(ProofService { store: Mutex::new(Store::open(data_dir)?), evm })
     }
 
     fn store(&self) -> Result<std::sync::MutexGuard<'_, Store>, ProofError> {
@@ -59,10 +64,24 @@ impl ProofService {
         for leaf in leaves {
             let Some(batch) = store.batch_of(leaf.seq)? else { continue };
             let size = batch.number + 1;
-            let receipts = store.receipts(size)?;
+            let mut receipts = store.receipts(size)?;
             let Some(checkpoint) = store.checkpoint(size)? else { continue };
             if receipts.is_empty() {
                 continue;
+            }
+            let mut later_anchors = Vec::new();
+            let mut pending_ledgers = Vec::new();
+            match store.evm_covering(size)? {
+                Some((at, receipt)) if at == size => receipts.push(receipt),
+                Some((at, receipt)) => later_anchors.push(LaterAnchor {
+                    checkpoint: store
+                        .checkpoint(at)?
+                        .ok_or_else(|| StoreError::Corrupt(format!("no checkpoint of size {at}")))?,
+                    consistency: store.log_consistency(size, at)?,
+                    receipts: vec![receipt],
+                }),
+                None if self.evm => pending_ledgers.push("evm".to_owned()),
+                None => {}
             }
             let device_key = key_evidence(&store, &leaf.record, &batch)?;
             let p = leaf_proof(&store, leaf.seq, leaf.record, &batch, size)?;
@@ -75,6 +94,8 @@ impl ProofService {
                 log_path: p.log_path,
                 checkpoint,
                 receipts,
+                later_anchors,
+                pending_ledgers,
                 device_key,
             });
         }

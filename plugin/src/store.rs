@@ -1,6 +1,6 @@
 //! The broker's SQLite store (`notary.sqlite`): leaves, batches, the log's
-//! perfect-subtree nodes, checkpoints, anchor receipts, the device registry
-//! and rejected messages.
+//! perfect-subtree nodes, checkpoints, anchor receipts, the device registry,
+//! rejected messages and EVM anchoring transactions (`store/evm.rs`).
 //!
 //! One writer connection per writing task (ingest, sealer) and separate
 //! read connections for proofs; WAL lets readers run beside writers.
@@ -11,6 +11,9 @@ use notary_proof::tree::{self, NodeSource};
 use notary_proof::{BatchRecord, Hash, Receipt, RegistryAction, RegistryEvent};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::Path;
+
+mod evm;
+pub use evm::{EvmAnchorRow, EvmAnchorState};
 
 pub const STORE_FILE: &str = "notary.sqlite";
 /// Batch-tree nodes are stored from this level up (subtrees of 64 leaves);
@@ -94,7 +97,22 @@ CREATE TABLE IF NOT EXISTS rejections (
     detail      TEXT NOT NULL,
     device      TEXT
 );
-CREATE INDEX IF NOT EXISTS rejections_by_digest ON rejections(digest);";
+CREATE INDEX IF NOT EXISTS rejections_by_digest ON rejections(digest);
+CREATE TABLE IF NOT EXISTS evm_anchors (
+    id            INTEGER PRIMARY KEY,
+    size          INTEGER NOT NULL,
+    chain_id      INTEGER NOT NULL,
+    nonce         INTEGER NOT NULL,
+    tx_hash       BLOB NOT NULL UNIQUE,
+    raw_tx        BLOB NOT NULL,
+    state         TEXT NOT NULL,
+    receipt       TEXT,
+    created_at_ms INTEGER NOT NULL,
+    updated_at_ms INTEGER NOT NULL,
+    reorgs        INTEGER NOT NULL DEFAULT 0,
+    outcome       TEXT
+);
+CREATE INDEX IF NOT EXISTS evm_anchors_by_size ON evm_anchors(size);";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

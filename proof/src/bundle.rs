@@ -34,10 +34,35 @@ pub struct ProofBundle {
     pub checkpoint: String,
     /// Anchors of this checkpoint, one per ledger.
     pub receipts: Vec<Receipt>,
+    /// Anchors of later checkpoints that cover this one, for ledgers that
+    /// did not anchor `checkpoint` itself (a chain anchors only the newest
+    /// checkpoint once per interval). Each carries the consistency proof
+    /// from `checkpoint` to the anchored one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub later_anchors: Vec<LaterAnchor>,
+    /// Configured ledgers that have not yet anchored this checkpoint or a
+    /// later one (e.g. `evm` before the next anchoring transaction is
+    /// mined). Ask again later for the upgraded bundle.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_ledgers: Vec<String>,
     /// For a device-signed leaf: the registry leaves that show which key
     /// the device held at the leaf's position. Absent for other leaves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_key: Option<KeyEvidence>,
+}
+
+/// A later signed checkpoint, the RFC 9162 consistency proof from the
+/// bundle's checkpoint to it, and its receipts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaterAnchor {
+    /// The later signed checkpoint note (same log, same key, larger size).
+    pub checkpoint: String,
+    /// RFC 9162 consistency proof from the bundle's checkpoint to this one.
+    #[serde(with = "b64_list")]
+    pub consistency: Vec<Hash>,
+    /// Anchors of this later checkpoint.
+    pub receipts: Vec<Receipt>,
 }
 
 /// The registry leaves behind a device-signed leaf, each proven into the

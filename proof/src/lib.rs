@@ -19,13 +19,13 @@ pub mod tree;
 pub mod verify;
 
 pub use batch::{BatchRecord, BatchTree};
-pub use bundle::{KeyEvidence, LeafProof, ProofBundle, BUNDLE_FORMAT};
+pub use bundle::{KeyEvidence, LaterAnchor, LeafProof, ProofBundle, BUNDLE_FORMAT};
 pub use checkpoint::{Checkpoint, NoteError, NoteSigner, NoteVerifier};
 pub use device::{DeviceFields, RegistryAction, RegistryEvent};
 pub use envelope::{Envelope, EnvelopeError};
 pub use hash::Hash;
 pub use leaf::{Assurance, LeafRecord};
-pub use receipt::{LocalEntry, Receipt};
+pub use receipt::{EvmStatus, LocalEntry, Receipt};
 pub use verify::{verify_bundle, verify_bundle_json, Tree, Verified, VerifiedDevice, VerifyError};
 
 /// A byte string that is not in the canonical encoding.

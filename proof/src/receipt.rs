@@ -64,6 +64,10 @@ pub enum Receipt {
     /// the checkpoint can be checked; that the transaction is in the
     /// canonical chain needs an RPC endpoint.
     Evm {
+        /// The broker's view when it served the bundle: `final` once the
+        /// transaction had its configured confirmations. Advisory; a
+        /// verifier decides finality itself, on chain.
+        status: EvmStatus,
         chain_id: u64,
         #[serde(with = "hex0x")]
         tx_hash: Hash,
@@ -79,6 +83,25 @@ pub enum Receipt {
         #[serde(with = "hex32")]
         checkpoint_hash: Hash,
     },
+}
+
+/// How far an EVM anchor had got when the broker served it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EvmStatus {
+    /// Mined, with fewer confirmations than the broker waits for.
+    Pending,
+    /// Mined, with at least the configured confirmations.
+    Final,
+}
+
+impl EvmStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EvmStatus::Pending => "pending",
+            EvmStatus::Final => "final",
+        }
+    }
 }
 
 /// The first bytes of an anchoring transaction's calldata: ASCII `MNA1`.
@@ -155,9 +178,10 @@ impl Receipt {
                 "local ledger entry {index} ({}), anchored at {anchored_at_ms} ms",
                 hex::encode(entry_hash)
             ),
-            Receipt::Evm { chain_id, tx_hash, block_number, .. } => format!(
-                "EVM chain {chain_id}, transaction 0x{} in block {block_number}",
-                hex::encode(tx_hash)
+            Receipt::Evm { status, chain_id, tx_hash, block_number, .. } => format!(
+                "EVM chain {chain_id}, transaction 0x{} in block {block_number} ({} when served)",
+                hex::encode(tx_hash),
+                status.as_str()
             ),
         }
     }

@@ -1,18 +1,20 @@
 //! Offline verification of a proof bundle. Every part is checked and any
 //! failure is fatal: there is no "partially valid".
 //!
-//! Order: parse → checkpoint signature → receipts → batch in log → leaf in
-//! batch → payload digest → for device-signed leaves: key evidence, then
-//! envelope and device signature. The first failing check names the error.
+//! Order: parse → checkpoint signature → receipts → later anchors (their
+//! signatures, consistency with the checkpoint, their receipts) → batch in
+//! log → leaf in batch → payload digest → for device-signed leaves: key
+//! evidence, then envelope and device signature. The first failing check
+//! names the error.
 
 use crate::batch::BatchRecord;
-use crate::bundle::{KeyEvidence, LeafProof, ProofBundle, BUNDLE_FORMAT};
+use crate::bundle::{KeyEvidence, LaterAnchor, LeafProof, ProofBundle, BUNDLE_FORMAT};
 use crate::checkpoint::{Checkpoint, NoteError, NoteVerifier};
 use crate::device::{RegistryAction, RegistryEvent};
 use crate::envelope::Envelope;
 use crate::leaf::{Assurance, LeafRecord};
 use crate::receipt::{Receipt, ReceiptProblem};
-use crate::tree::{verify_inclusion, ProofError};
+use crate::tree::{verify_consistency, verify_inclusion, ProofError};
 
 /// Which Merkle tree a path belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +57,8 @@ pub enum VerifyError {
     BadEnvelope(String),
     #[error("the device signature does not verify with the enrolled key")]
     BadDeviceSignature,
+    #[error("a later anchored checkpoint is not consistent with the bundle's: {0}")]
+    BadConsistency(String),
 }
 
 impl VerifyError {
@@ -71,6 +75,7 @@ impl VerifyError {
             VerifyError::BadKeyEvidence(_) => "bad-key-evidence",
             VerifyError::BadEnvelope(_) => "bad-envelope",
             VerifyError::BadDeviceSignature => "bad-device-signature",
+            VerifyError::BadConsistency(_) => "bad-consistency",
         }
     }
 }
@@ -82,8 +87,20 @@ pub struct Verified {
     pub batch: BatchRecord,
     pub checkpoint: Checkpoint,
     pub receipts: Vec<Receipt>,
+    /// Later checkpoints proven consistent with `checkpoint`, with their
+    /// receipts: they anchor this checkpoint too.
+    pub later: Vec<(Checkpoint, Vec<Receipt>)>,
+    /// Ledgers the broker said had not anchored this checkpoint yet.
+    pub pending_ledgers: Vec<String>,
     /// Set for device-signed leaves.
     pub device: Option<VerifiedDevice>,
+}
+
+impl Verified {
+    /// Every receipt: this checkpoint's, then those of later checkpoints.
+    pub fn all_receipts(&self) -> impl Iterator<Item = &Receipt> {
+        self.receipts.iter().chain(self.later.iter().flat_map(|(_, r)| r))
+    }
 }
 
 /// What a valid bundle proves about a device-signed message.
@@ -133,14 +150,12 @@ pub fn verify_bundle(
     if bundle.receipts.is_empty() {
         return Err(VerifyError::ReceiptMismatch("the bundle carries no anchor receipt"));
     }
-    for receipt in &bundle.receipts {
-        receipt.check(&bundle.checkpoint).map_err(|p| {
-            VerifyError::ReceiptMismatch(match p {
-                ReceiptProblem::CheckpointHash => "it names a different checkpoint",
-                ReceiptProblem::EntryHash => "its entry hash is not the hash of its fields",
-            })
-        })?;
-    }
+    check_receipts(&bundle.receipts, &bundle.checkpoint)?;
+    let later = bundle
+        .later_anchors
+        .iter()
+        .map(|a| verify_later(a, &checkpoint, broker_key))
+        .collect::<Result<Vec<_>, _>>()?;
 
     let (leaf, batch) = prove_leaf(&bundle.leaf_proof(), &checkpoint)?;
 
@@ -163,7 +178,64 @@ pub fn verify_bundle(
         (_, None) => None,
     };
 
-    Ok(Verified { leaf, batch, checkpoint, receipts: bundle.receipts.clone(), device })
+    Ok(Verified {
+        leaf,
+        batch,
+        checkpoint,
+        receipts: bundle.receipts.clone(),
+        later,
+        pending_ledgers: bundle.pending_ledgers.clone(),
+        device,
+    })
+}
+
+/// Each receipt must name exactly this checkpoint note.
+fn check_receipts(receipts: &[Receipt], note: &str) -> Result<(), VerifyError> {
+    for receipt in receipts {
+        receipt.check(note).map_err(|p| {
+            VerifyError::ReceiptMismatch(match p {
+                ReceiptProblem::CheckpointHash => "it names a different checkpoint",
+                ReceiptProblem::EntryHash => "its entry hash is not the hash of its fields",
+            })
+        })?;
+    }
+    Ok(())
+}
+
+/// A later checkpoint: signed by the same key, strictly larger, consistent
+/// with the bundle's checkpoint, and with receipts that name it.
+fn verify_later(
+    a: &LaterAnchor,
+    checkpoint: &Checkpoint,
+    broker_key: &NoteVerifier,
+) -> Result<(Checkpoint, Vec<Receipt>), VerifyError> {
+    let later = broker_key.verify_checkpoint(&a.checkpoint).map_err(|e| match e {
+        NoteError::Malformed(m) => VerifyError::Malformed(format!("later checkpoint: {m}")),
+        NoteError::UnknownKey => VerifyError::UnknownKey,
+        NoteError::BadSignature => VerifyError::BadCheckpointSignature,
+    })?;
+    if later.origin != checkpoint.origin || later.size <= checkpoint.size {
+        return Err(VerifyError::BadConsistency(format!(
+            "the later checkpoint ({} size {}) is not a larger size of the same log",
+            later.origin, later.size
+        )));
+    }
+    verify_consistency(checkpoint.size, later.size, &checkpoint.root, &later.root, &a.consistency).map_err(
+        |e| {
+            VerifyError::BadConsistency(
+                match e {
+                    ProofError::BadShape => "the proof does not fit the two sizes",
+                    ProofError::RootMismatch => "the proof leads to different roots",
+                }
+                .into(),
+            )
+        },
+    )?;
+    if a.receipts.is_empty() {
+        return Err(VerifyError::ReceiptMismatch("a later checkpoint carries no anchor receipt"));
+    }
+    check_receipts(&a.receipts, &a.checkpoint)?;
+    Ok((later, a.receipts.clone()))
 }
 
 /// Checks that one leaf is in its batch and its batch in the checkpoint's log.

@@ -10,10 +10,10 @@
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use notary_proof::tree::{inclusion_proof, root, MemoryTree};
+use notary_proof::tree::{consistency_proof, inclusion_proof, root, MemoryTree};
 use notary_proof::{
-    verify_bundle_json, BatchRecord, BatchTree, Checkpoint, LeafRecord, LocalEntry, NoteSigner, NoteVerifier,
-    ProofBundle, Receipt, BUNDLE_FORMAT,
+    verify_bundle_json, BatchRecord, BatchTree, Checkpoint, LaterAnchor, LeafRecord, LocalEntry, NoteSigner,
+    NoteVerifier, ProofBundle, Receipt, BUNDLE_FORMAT,
 };
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -35,8 +35,17 @@ fn payload(seq: u64) -> Vec<u8> {
 
 /// A log of 5 batches with sizes 1, 7, 3, 16, 2; bundles for the first,
 /// middle and last leaf of every batch.
-fn build() -> Vec<(String, Vec<u8>, ProofBundle)> {
+/// A named case: (name, payload, bundle).
+type Case = (String, Vec<u8>, ProofBundle);
+
+fn build() -> Vec<Case> {
+    build_log().0
+}
+
+/// The bundles of [`build`], the five signed checkpoint notes and the log.
+fn build_log() -> (Vec<Case>, Vec<String>, MemoryTree) {
     let signer = signer();
+    let mut notes = Vec::new();
     let sizes = [1u64, 7, 3, 16, 2];
     let mut log = MemoryTree::new();
     let mut seq = 0u64;
@@ -84,6 +93,8 @@ fn build() -> Vec<(String, Vec<u8>, ProofBundle)> {
                 log_path: inclusion_proof(&mut log, number, cp_size).expect("path"),
                 checkpoint: note.clone(),
                 receipts: vec![Receipt::local(&entry)],
+                later_anchors: Vec::new(),
+                pending_ledgers: Vec::new(),
                 device_key: None,
             };
             let name = format!("valid-batch{number}-leaf{i}");
@@ -91,8 +102,138 @@ fn build() -> Vec<(String, Vec<u8>, ProofBundle)> {
                 out.push((name, payload(leaf.seq), bundle));
             }
         }
+        notes.push(note);
         seq += size;
     }
+    (out, notes, log)
+}
+
+/// A synthetic EVM receipt for a checkpoint note (offline checks only bind
+/// the note; the chain part needs `verify --rpc`).
+fn evm_receipt(note: &str) -> Receipt {
+    Receipt::Evm {
+        status: notary_proof::EvmStatus::Final,
+        chain_id: 31337,
+        tx_hash: [0xab; 32],
+        block_number: 42,
+        block_hash: [0xcd; 32],
+        from: [0x11; 20],
+        to: [0x11; 20],
+        checkpoint_hash: notary_proof::hash::sha256(note.as_bytes()),
+    }
+}
+
+/// Bundles whose checkpoint a chain did not anchor itself: a later anchored
+/// checkpoint and the consistency proof to it, and each way that fails.
+fn later_anchor_cases() -> Vec<Value> {
+    let (valid, notes, log) = build_log();
+    let (_, payload, base) =
+        valid.iter().find(|(n, _, _)| n == "valid-batch1-leaf3").expect("case exists").clone();
+    let later = |size: u64| LaterAnchor {
+        checkpoint: notes[size as usize - 1].clone(),
+        consistency: consistency_proof(&mut log.clone(), 2, size).expect("proof"),
+        receipts: vec![evm_receipt(&notes[size as usize - 1])],
+    };
+    let with = |f: &dyn Fn(&mut ProofBundle)| {
+        let mut b = base.clone();
+        b.later_anchors = vec![later(5)];
+        f(&mut b);
+        to_json(&b)
+    };
+    let mut out = Vec::new();
+    let mut add = |name: &str, expect: &str, json: String| out.push(case(name, expect, &payload, json));
+    add("later-anchor-valid", "valid", with(&|_| {}));
+    add("later-anchor-to-size-3-valid", "valid", with(&|b| b.later_anchors = vec![later(3)]));
+    add("pending-ledger-valid", "valid", with(&|b| b.pending_ledgers = vec!["evm".into()]));
+    add(
+        "own-evm-receipt-valid",
+        "valid",
+        with(&|b| {
+            b.later_anchors.clear();
+            let r = evm_receipt(&b.checkpoint);
+            b.receipts.push(r);
+        }),
+    );
+    add(
+        "own-evm-receipt-other-checkpoint",
+        "receipt-mismatch",
+        with(&|b| {
+            b.later_anchors.clear();
+            b.receipts.push(evm_receipt(&notes[4]));
+        }),
+    );
+    add(
+        "later-anchor-consistency[0]-bit-@0.0",
+        "bad-consistency",
+        with(&|b| flip_bit(&mut b.later_anchors[0].consistency[0], 0, 0)),
+    );
+    add(
+        "later-anchor-consistency-missing-hash",
+        "bad-consistency",
+        with(&|b| {
+            b.later_anchors[0].consistency.pop();
+        }),
+    );
+    add(
+        "later-anchor-consistency-for-size-4",
+        "bad-consistency",
+        with(&|b| b.later_anchors[0].consistency = consistency_proof(&mut log.clone(), 2, 4).expect("proof")),
+    );
+    add(
+        "later-anchor-same-checkpoint",
+        "bad-consistency",
+        with(&|b| {
+            b.later_anchors[0] = LaterAnchor {
+                checkpoint: notes[1].clone(),
+                consistency: Vec::new(),
+                receipts: vec![evm_receipt(&notes[1])],
+            }
+        }),
+    );
+    add(
+        "later-anchor-earlier-checkpoint",
+        "bad-consistency",
+        with(&|b| {
+            b.later_anchors[0] = LaterAnchor {
+                checkpoint: notes[0].clone(),
+                consistency: Vec::new(),
+                receipts: vec![evm_receipt(&notes[0])],
+            }
+        }),
+    );
+    add(
+        "later-anchor-signed-by-other-key",
+        "unknown-key",
+        with(&|b| {
+            let other = NoteSigner::new(ORIGIN, [0x43; 32]).expect("valid");
+            b.later_anchors[0].checkpoint = other.sign(body_of(&notes[4]));
+        }),
+    );
+    add(
+        "later-anchor-signature-byte-changed",
+        "bad-checkpoint-signature",
+        with(&|b| {
+            let mut note = b.later_anchors[0].checkpoint.clone().into_bytes();
+            let at = note.len() - 10;
+            note[at] = if note[at] == b'A' { b'B' } else { b'A' };
+            b.later_anchors[0].checkpoint = String::from_utf8(note).expect("ascii edit");
+        }),
+    );
+    add(
+        "later-anchor-receipt-names-own-checkpoint",
+        "receipt-mismatch",
+        with(&|b| b.later_anchors[0].receipts = vec![evm_receipt(&notes[1])]),
+    );
+    add("later-anchor-no-receipt", "receipt-mismatch", with(&|b| b.later_anchors[0].receipts.clear()));
+    add(
+        "later-anchor-evm-checkpoint-hash-bit-@7.1",
+        "receipt-mismatch",
+        with(&|b| {
+            if let Receipt::Evm { checkpoint_hash, .. } = &mut b.later_anchors[0].receipts[0] {
+                flip_bit(checkpoint_hash, 7, 1);
+            }
+        }),
+    );
     out
 }
 
@@ -245,6 +386,8 @@ impl DeviceLog {
             log_path: p.log_path,
             checkpoint: note.clone(),
             receipts: vec![Receipt::local(entry)],
+            later_anchors: Vec::new(),
+            pending_ledgers: Vec::new(),
             device_key,
         };
         (self.leaves[seq as usize].1.clone(), bundle)
@@ -541,6 +684,7 @@ fn generate() -> Value {
     );
     add("not-json", "malformed", &payload, "proof please".into());
     cases.extend(device_cases());
+    cases.extend(later_anchor_cases());
 
     json!({
         "description": "mqtt-notary proof bundle vectors. Verify bundle_json against the bytes of payload_hex with broker_key; expect is 'valid' or the code of the first failing check (docs/PROTOCOL.md, Verification).",

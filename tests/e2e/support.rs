@@ -317,13 +317,20 @@ pub fn cli_verify_with(
     extra: &[&str],
 ) -> (i32, String, String) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (b, p) = (dir.path().join("bundle.json"), dir.path().join("payload"));
+    let b = dir.path().join("bundle.json");
     std::fs::write(&b, bundle_json).expect("write bundle");
+    cli_verify_file(&b, payload, key, extra)
+}
+
+/// `mqtt-notary verify` of a bundle file (which `--upgrade` may rewrite);
+/// the payload goes beside it.
+pub fn cli_verify_file(bundle: &Path, payload: &[u8], key: &Path, extra: &[&str]) -> (i32, String, String) {
+    let p = bundle.with_extension("payload");
     std::fs::write(&p, payload).expect("write payload");
     let out = Command::new(BIN)
         .arg("verify")
         .arg("--bundle")
-        .arg(&b)
+        .arg(bundle)
         .arg("--payload")
         .arg(&p)
         .arg("--broker-key")
@@ -428,10 +435,14 @@ impl Notary {
 }
 
 /// A real anvil dev chain on a free port (`ANVIL`, else `anvil` on PATH;
-/// `scripts/test` installs it).
+/// `scripts/test` installs it). Its state lives in a file, so it can be
+/// stopped and started again on the same port with the same chain.
 pub struct Anvil {
-    child: Child,
+    child: Option<Child>,
     pub url: String,
+    pub port: u16,
+    args: Vec<String>,
+    state: tempfile::TempDir,
 }
 
 /// anvil's first dev account, funded on every fresh chain.
@@ -439,18 +450,107 @@ pub const ANVIL_KEY: [u8; 32] = [
     0xac, 0x09, 0x74, 0xbe, 0xc3, 0x9a, 0x17, 0xe3, 0x6b, 0xa4, 0xa6, 0xb4, 0xd2, 0x38, 0xff, 0x94, 0x4b,
     0xac, 0xb4, 0x78, 0xcb, 0xed, 0x5e, 0xfc, 0xae, 0x78, 0x4d, 0x7b, 0xf4, 0xf2, 0xff, 0x80,
 ];
+/// The address of [`ANVIL_KEY`].
+pub const ANVIL_ADDRESS: &str = "0xf39fd6e51aad88f6f4ce6ab8827279cfffb92266";
 
 impl Anvil {
     pub fn start() -> Anvil {
-        let port = free_port();
+        Self::start_with(free_port(), &[])
+    }
+
+    /// On a chosen port, with extra arguments (`--no-mining`, ...).
+    pub fn start_with(port: u16, args: &[&str]) -> Anvil {
+        let mut a = Anvil {
+            child: None,
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+            args: args.iter().map(|s| s.to_string()).collect(),
+            state: tempfile::tempdir().expect("temp dir"),
+        };
+        a.spawn();
+        a
+    }
+
+    fn spawn(&mut self) {
         let bin = std::env::var("ANVIL").unwrap_or_else(|_| "anvil".into());
+        let state = self.state.path().join("state.json");
         let child = Command::new(&bin)
-            .args(["--port", &port.to_string(), "--silent"])
+            .args(["--port", &self.port.to_string(), "--silent", "--state"])
+            .arg(&state)
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {bin} ({e}); scripts/test installs it"));
-        Anvil { child, url: format!("http://127.0.0.1:{port}") }
+        self.child = Some(child);
+        eventually("anvil to answer", || self.try_rpc("eth_chainId", serde_json::json!([])));
+    }
+
+    /// SIGTERM: anvil writes its state and exits; the endpoint is down.
+    pub fn stop(&mut self) {
+        let mut child = self.child.take().expect("running");
+        let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+        assert!(ok.success());
+        child.wait().expect("wait");
+    }
+
+    /// Starts it again on the same port, with the chain it had.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop first");
+        self.spawn();
+    }
+
+    fn try_rpc(&self, method: &str, params: serde_json::Value) -> Option<serde_json::Value> {
+        let body = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+        let resp = ureq::post(&self.url)
+            .timeout(Duration::from_secs(10))
+            .set("content-type", "application/json")
+            .send_string(&body.to_string())
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_str(&resp.into_string().ok()?).ok()?;
+        v.get("result").cloned()
+    }
+
+    /// A JSON-RPC call that must succeed; returns its result.
+    pub fn rpc(&self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        self.try_rpc(method, params.clone()).unwrap_or_else(|| panic!("anvil {method} {params} failed"))
+    }
+
+    /// Mines `n` blocks.
+    pub fn mine(&self, n: u64) {
+        self.rpc("anvil_mine", serde_json::json!([format!("0x{n:x}")]));
+    }
+
+    pub fn head(&self) -> u64 {
+        hex_u64(&self.rpc("eth_blockNumber", serde_json::json!([])))
+    }
+
+    /// Every transaction in the canonical chain from the dev account:
+    /// (tx hash, block number, calldata hex without 0x).
+    pub fn transactions_from_dev_account(&self) -> Vec<(String, u64, String)> {
+        let mut out = Vec::new();
+        for n in 0..=self.head() {
+            let block = self.rpc("eth_getBlockByNumber", serde_json::json!([format!("0x{n:x}"), true]));
+            for tx in block["transactions"].as_array().into_iter().flatten() {
+                if tx["from"].as_str().map(str::to_lowercase).as_deref() == Some(ANVIL_ADDRESS) {
+                    let input = tx["input"].as_str().unwrap_or("0x").trim_start_matches("0x").to_owned();
+                    out.push((tx["hash"].as_str().unwrap_or_default().to_owned(), n, input));
+                }
+            }
+        }
+        out
+    }
+
+    /// Hashes of the transactions waiting in anvil's pool.
+    pub fn pool(&self) -> Vec<String> {
+        let content = self.rpc("txpool_content", serde_json::json!([]));
+        let mut out = Vec::new();
+        for by_nonce in content["pending"].as_object().into_iter().flat_map(|m| m.values()) {
+            for tx in by_nonce.as_object().into_iter().flat_map(|m| m.values()) {
+                out.push(tx["hash"].as_str().unwrap_or_default().to_owned());
+            }
+        }
+        out
     }
 
     /// An EVM client with the funded dev key, once the chain answers.
@@ -467,9 +567,15 @@ impl Anvil {
     }
 }
 
+pub fn hex_u64(v: &serde_json::Value) -> u64 {
+    v.as_str().and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok()).expect("hex quantity")
+}
+
 impl Drop for Anvil {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }

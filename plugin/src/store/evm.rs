@@ -1,0 +1,211 @@
+//! EVM anchoring transactions: one row per signed transaction, written
+//! *before* it is broadcast, so a crash or a timed-out send never loses
+//! track of a transaction that may be mined.
+//!
+//! States: `signed` (persisted; sent at most partly) → `sent` (the node took
+//! it) → `mined` (in a canonical block, fewer confirmations than required)
+//! → `final`. A row whose transaction can never be mined (its nonce was
+//! used by another transaction, the node refused it, it reverted) becomes
+//! `abandoned` with the reason in `outcome`; the anchor is made again with
+//! a new transaction. A reorganization that removes a mined or final
+//! transaction moves it back to `sent` (it is broadcast again) and counts
+//! in `reorgs`.
+
+use super::{hash32, Store, StoreError};
+use notary_proof::{Hash, Receipt};
+use rusqlite::{params, OptionalExtension, Row};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvmAnchorState {
+    Signed,
+    Sent,
+    Mined,
+    Final,
+    Abandoned,
+}
+
+impl EvmAnchorState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EvmAnchorState::Signed => "signed",
+            EvmAnchorState::Sent => "sent",
+            EvmAnchorState::Mined => "mined",
+            EvmAnchorState::Final => "final",
+            EvmAnchorState::Abandoned => "abandoned",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, StoreError> {
+        Ok(match s {
+            "signed" => EvmAnchorState::Signed,
+            "sent" => EvmAnchorState::Sent,
+            "mined" => EvmAnchorState::Mined,
+            "final" => EvmAnchorState::Final,
+            "abandoned" => EvmAnchorState::Abandoned,
+            other => return Err(StoreError::Corrupt(format!("unknown EVM anchor state {other:?}"))),
+        })
+    }
+}
+
+/// One anchoring transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EvmAnchorRow {
+    pub id: i64,
+    /// The size of the checkpoint it anchors.
+    pub size: u64,
+    pub chain_id: u64,
+    pub nonce: u64,
+    pub tx_hash: Hash,
+    pub raw_tx: Vec<u8>,
+    pub state: EvmAnchorState,
+    /// Set while mined or final.
+    pub receipt: Option<Receipt>,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+    /// Times a reorganization removed its block.
+    pub reorgs: u64,
+    /// Why it was abandoned.
+    pub outcome: Option<String>,
+}
+
+const COLUMNS: &str =
+    "id, size, chain_id, nonce, tx_hash, raw_tx, state, receipt, created_at_ms, updated_at_ms, reorgs, outcome";
+
+fn row(r: &Row<'_>) -> rusqlite::Result<(EvmAnchorRow, String, Option<String>, Vec<u8>)> {
+    Ok((
+        EvmAnchorRow {
+            id: r.get(0)?,
+            size: r.get(1)?,
+            chain_id: r.get(2)?,
+            nonce: r.get(3)?,
+            tx_hash: [0; 32],
+            raw_tx: r.get(5)?,
+            state: EvmAnchorState::Abandoned,
+            receipt: None,
+            created_at_ms: r.get(8)?,
+            updated_at_ms: r.get(9)?,
+            reorgs: r.get(10)?,
+            outcome: r.get(11)?,
+        },
+        r.get(6)?,
+        r.get(7)?,
+        r.get(4)?,
+    ))
+}
+
+fn finish(
+    (mut a, state, receipt, hash): (EvmAnchorRow, String, Option<String>, Vec<u8>),
+) -> Result<EvmAnchorRow, StoreError> {
+    a.state = EvmAnchorState::parse(&state)?;
+    a.tx_hash = hash32(hash)?;
+    a.receipt = receipt
+        .map(|j| serde_json::from_str(&j).map_err(|e| StoreError::Corrupt(format!("EVM receipt: {e}"))))
+        .transpose()?;
+    Ok(a)
+}
+
+impl Store {
+    fn evm_rows(&self, where_: &str, args: impl rusqlite::Params) -> Result<Vec<EvmAnchorRow>, StoreError> {
+        let mut stmt =
+            self.conn.prepare_cached(&format!("SELECT {COLUMNS} FROM evm_anchors WHERE {where_}"))?;
+        let rows = stmt.query_map(args, row)?;
+        rows.map(|r| finish(r?)).collect()
+    }
+
+    /// Records a signed anchoring transaction before it is broadcast.
+    pub fn evm_insert(
+        &self,
+        size: u64,
+        chain_id: u64,
+        nonce: u64,
+        tx_hash: &Hash,
+        raw_tx: &[u8],
+        now_ms: u64,
+    ) -> Result<i64, StoreError> {
+        // Signing the same checkpoint at the same nonce and fees gives the
+        // same transaction: an abandoned row for it is taken up again.
+        let id = self.conn.query_row(
+            "INSERT INTO evm_anchors (size, chain_id, nonce, tx_hash, raw_tx, state, created_at_ms, updated_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'signed', ?6, ?6)
+             ON CONFLICT(tx_hash) DO UPDATE SET state = 'signed', receipt = NULL, created_at_ms = ?6, updated_at_ms = ?6
+             RETURNING id",
+            params![size, chain_id, nonce, &tx_hash[..], raw_tx, now_ms],
+            |r| r.get(0),
+        )?;
+        Ok(id)
+    }
+
+    /// Moves a transaction to a new state, with its receipt while mined or
+    /// final, counting a reorganization or recording why it was abandoned.
+    pub fn evm_update(
+        &self,
+        id: i64,
+        state: EvmAnchorState,
+        receipt: Option<&Receipt>,
+        reorged: bool,
+        outcome: Option<&str>,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let receipt =
+            receipt.map(serde_json::to_string).transpose().map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.conn.execute(
+            "UPDATE evm_anchors SET state = ?2, receipt = ?3, reorgs = reorgs + ?4,
+                 outcome = COALESCE(?5, outcome), updated_at_ms = ?6 WHERE id = ?1",
+            params![id, state.as_str(), receipt, u64::from(reorged), outcome, now_ms],
+        )?;
+        Ok(())
+    }
+
+    /// Transactions of `chain_id` still on their way: signed, sent or mined.
+    pub fn evm_in_flight(&self, chain_id: u64) -> Result<Vec<EvmAnchorRow>, StoreError> {
+        self.evm_rows("chain_id = ?1 AND state IN ('signed', 'sent', 'mined') ORDER BY id", [chain_id])
+    }
+
+    /// Final transactions of `chain_id` created since `since_ms`, newest first.
+    pub fn evm_final_since(&self, chain_id: u64, since_ms: u64) -> Result<Vec<EvmAnchorRow>, StoreError> {
+        self.evm_rows(
+            "chain_id = ?1 AND state = 'final' AND created_at_ms >= ?2 ORDER BY id DESC",
+            params![chain_id, since_ms],
+        )
+    }
+
+    pub fn evm_rows_by_id(&self, id: i64) -> Result<EvmAnchorRow, StoreError> {
+        self.evm_rows("id = ?1", [id])?
+            .pop()
+            .ok_or_else(|| StoreError::Corrupt(format!("EVM anchor {id} vanished")))
+    }
+
+    /// Every transaction, oldest first (for operators and tests).
+    pub fn evm_all(&self) -> Result<Vec<EvmAnchorRow>, StoreError> {
+        self.evm_rows("1 ORDER BY id", [])
+    }
+
+    /// The newest transaction of `chain_id` that was not abandoned: when the
+    /// last anchor was made and the largest checkpoint anchored or on its way.
+    pub fn evm_latest_live(&self, chain_id: u64) -> Result<Option<EvmAnchorRow>, StoreError> {
+        Ok(self
+            .evm_rows("chain_id = ?1 AND state != 'abandoned' ORDER BY id DESC LIMIT 1", [chain_id])?
+            .pop())
+    }
+
+    /// The anchor that covers checkpoint `size`: the smallest final one at
+    /// or after it, else the smallest mined one. (anchored size, receipt).
+    pub fn evm_covering(&self, size: u64) -> Result<Option<(u64, Receipt)>, StoreError> {
+        for state in ["final", "mined"] {
+            let found: Option<(u64, String)> = self
+                .conn
+                .prepare_cached(
+                    "SELECT size, receipt FROM evm_anchors
+                     WHERE state = ?1 AND size >= ?2 AND receipt IS NOT NULL ORDER BY size, id LIMIT 1",
+                )?
+                .query_row(params![state, size], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            if let Some((at, json)) = found {
+                let receipt = serde_json::from_str(&json)
+                    .map_err(|e| StoreError::Corrupt(format!("EVM receipt: {e}")))?;
+                return Ok(Some((at, receipt)));
+            }
+        }
+        Ok(None)
+    }
+}
