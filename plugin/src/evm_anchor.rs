@@ -151,7 +151,7 @@ impl EvmAnchorer {
         let finals = if run.polls % RECHECK_ALL_EVERY == 1 {
             self.store.evm_final_since(chain, now_ms().saturating_sub(RECHECK_WINDOW_MS))?
         } else {
-            self.store.evm_final_since(chain, 0)?.into_iter().take(1).collect()
+            self.store.evm_newest_final(chain)?.into_iter().collect()
         };
         for row in finals {
             self.follow(client, row)?;

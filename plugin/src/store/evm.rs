@@ -127,7 +127,8 @@ impl Store {
         let id = self.conn.query_row(
             "INSERT INTO evm_anchors (size, chain_id, nonce, tx_hash, raw_tx, state, created_at_ms, updated_at_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, 'signed', ?6, ?6)
-             ON CONFLICT(tx_hash) DO UPDATE SET state = 'signed', receipt = NULL, created_at_ms = ?6, updated_at_ms = ?6
+             ON CONFLICT(tx_hash) DO UPDATE SET state = 'signed', receipt = NULL, outcome = NULL,
+                 created_at_ms = ?6, updated_at_ms = ?6
              RETURNING id",
             params![size, chain_id, nonce, &tx_hash[..], raw_tx, now_ms],
             |r| r.get(0),
@@ -175,6 +176,11 @@ impl Store {
             .ok_or_else(|| StoreError::Corrupt(format!("EVM anchor {id} vanished")))
     }
 
+    /// The newest final transaction of `chain_id`.
+    pub fn evm_newest_final(&self, chain_id: u64) -> Result<Option<EvmAnchorRow>, StoreError> {
+        Ok(self.evm_rows("chain_id = ?1 AND state = 'final' ORDER BY id DESC LIMIT 1", [chain_id])?.pop())
+    }
+
     /// Every transaction, oldest first (for operators and tests).
     pub fn evm_all(&self) -> Result<Vec<EvmAnchorRow>, StoreError> {
         self.evm_rows("1 ORDER BY id", [])
@@ -207,5 +213,57 @@ impl Store {
             }
         }
         Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notary_proof::EvmStatus;
+
+    fn receipt(status: EvmStatus, block: u8) -> Receipt {
+        Receipt::Evm {
+            status,
+            chain_id: 1,
+            tx_hash: [block; 32],
+            block_number: u64::from(block),
+            block_hash: [block; 32],
+            from: [1; 20],
+            to: [1; 20],
+            checkpoint_hash: [0; 32],
+        }
+    }
+
+    #[test]
+    fn bundles_get_the_smallest_final_anchor_else_the_smallest_mined_one() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Store::open(dir.path()).expect("store");
+        let a = store.evm_insert(3, 1, 0, &[3; 32], b"a", 10).expect("insert");
+        let b = store.evm_insert(7, 1, 1, &[7; 32], b"b", 20).expect("insert");
+        let c = store.evm_insert(9, 1, 2, &[9; 32], b"c", 30).expect("insert");
+        assert_eq!(store.evm_covering(1).expect("query"), None, "nothing mined yet");
+        store
+            .evm_update(b, EvmAnchorState::Mined, Some(&receipt(EvmStatus::Pending, 7)), false, None, 40)
+            .expect("up");
+        store
+            .evm_update(c, EvmAnchorState::Final, Some(&receipt(EvmStatus::Final, 9)), false, None, 40)
+            .expect("up");
+        assert_eq!(store.evm_covering(1).expect("q").map(|(s, _)| s), Some(9), "final beats pending");
+        store.evm_update(c, EvmAnchorState::Abandoned, None, true, Some("reorged"), 50).expect("up");
+        assert_eq!(store.evm_covering(1).expect("q").map(|(s, _)| s), Some(7), "abandoned rows never serve");
+        assert_eq!(store.evm_covering(8).expect("q"), None);
+        assert_eq!(store.evm_latest_live(1).expect("q").map(|r| r.id), Some(b));
+        assert_eq!(store.evm_in_flight(1).expect("q").iter().map(|r| r.id).collect::<Vec<_>>(), vec![a, b]);
+
+        // Signing the abandoned anchor again gives the same transaction: the
+        // row is taken up again, not duplicated.
+        let again = store.evm_insert(9, 1, 2, &[9; 32], b"c", 60).expect("revive");
+        assert_eq!(again, c);
+        let row = store.evm_rows_by_id(c).expect("row");
+        assert_eq!(
+            (row.state, row.created_at_ms, row.reorgs, row.outcome),
+            (EvmAnchorState::Signed, 60, 1, None)
+        );
+        assert_eq!(store.evm_all().expect("all").len(), 3);
     }
 }
