@@ -19,6 +19,33 @@ pub struct Config {
     pub ingest: IngestConfig,
     pub devices: DevicesConfig,
     pub anchor: AnchorConfig,
+    pub sidecar: SidecarConfig,
+}
+
+/// `[sidecar]`: how `mqtt-notary sidecar` subscribes to an existing broker.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SidecarConfig {
+    /// Empty: the log name with `/` as `-` (stable per data directory).
+    pub client_id: String,
+    pub topics: Vec<String>,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub keep_alive_s: u64,
+    pub max_retry_ms: u64,
+}
+
+impl Default for SidecarConfig {
+    fn default() -> Self {
+        SidecarConfig {
+            client_id: String::new(),
+            topics: vec!["#".into()],
+            username: None,
+            password_file: None,
+            keep_alive_s: 30,
+            max_retry_ms: 10_000,
+        }
+    }
 }
 
 /// Ledgers beyond the local one, which is always on.
@@ -253,6 +280,7 @@ impl Default for Config {
             ingest: IngestConfig::default(),
             devices: DevicesConfig::default(),
             anchor: AnchorConfig::default(),
+            sidecar: SidecarConfig::default(),
         }
     }
 }
@@ -334,6 +362,19 @@ impl Config {
         }
         if let Some(evm) = &self.anchor.evm {
             evm.validate()?;
+        }
+        if self.sidecar.topics.is_empty() {
+            bail!("sidecar.topics needs at least one topic filter");
+        }
+        for f in &self.sidecar.topics {
+            let plain =
+                f.strip_prefix("$share/").and_then(|r| r.split_once('/')).map_or(f.as_str(), |(_, t)| t);
+            if !notary_plugin::registry::valid_topic_filter(plain) {
+                bail!("sidecar.topics: {f:?} is not a valid MQTT topic filter");
+            }
+        }
+        if self.sidecar.username.is_some() != self.sidecar.password_file.is_some() {
+            bail!("sidecar.username and sidecar.password_file go together");
         }
         Ok(())
     }

@@ -39,6 +39,22 @@ enum Command {
         #[arg(long)]
         http: Option<SocketAddr>,
     },
+    /// Notarize an existing broker (Mosquitto, ...) as its client, and
+    /// serve proofs on it and over HTTP.
+    Sidecar {
+        /// The broker: mqtt://HOST:PORT.
+        #[arg(long)]
+        broker: String,
+        /// Configuration file (TOML); without it, the documented defaults.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Overrides `data_dir`.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Overrides `http.listen` (HOST:PORT).
+        #[arg(long)]
+        http: Option<SocketAddr>,
+    },
     /// Print the commented default configuration.
     GenerateConfig,
     /// Verify a proof bundle offline: 0 valid, 1 invalid, 2 usage or I/O error.
@@ -174,7 +190,12 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Run { config, data_dir, mqtt, http } => run::main(config, data_dir, mqtt, http),
+        Command::Run { config, data_dir, mqtt, http } => {
+            run::main(config, data_dir, mqtt, http, run::Source::Embedded)
+        }
+        Command::Sidecar { broker, config, data_dir, http } => {
+            run::main(config, data_dir, None, http, run::Source::Upstream(broker))
+        }
         Command::GenerateConfig => {
             print!("{}", config::DEFAULT_CONFIG);
             ExitCode::SUCCESS

@@ -1,5 +1,7 @@
-//! `mqtt-notary run`: wires the embedded broker, the pipeline, the ledger
-//! and the HTTP API, and shuts them down in order on SIGINT/SIGTERM.
+//! `mqtt-notary run` and `mqtt-notary sidecar`: wire a message source (the
+//! embedded broker, or a subscription on an existing one), the pipeline,
+//! the ledgers and the HTTP API, and shut them down in order on
+//! SIGINT/SIGTERM.
 
 use crate::config::{Config, EnrolmentFile};
 use anyhow::Context as _;
@@ -16,11 +18,20 @@ use tokio_util::sync::CancellationToken;
 
 pub const LEDGER_FILE: &str = "ledger.sqlite";
 
+/// Where messages come from.
+pub enum Source {
+    /// The embedded broker, listening on `mqtt.listen`.
+    Embedded,
+    /// An existing broker at `mqtt://HOST:PORT`, as its client.
+    Upstream(String),
+}
+
 pub fn main(
     config: Option<PathBuf>,
     data_dir: Option<PathBuf>,
     mqtt: Option<SocketAddr>,
     http: Option<SocketAddr>,
+    source: Source,
 ) -> ExitCode {
     init_tracing();
     let result = Config::load(config.as_deref()).and_then(|mut cfg| {
@@ -33,7 +44,7 @@ pub fn main(
         if let Some(a) = http {
             cfg.http.listen = a;
         }
-        serve(cfg)
+        serve(cfg, source)
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -59,7 +70,26 @@ fn init_tracing() {
         .init();
 }
 
-fn serve(cfg: Config) -> anyhow::Result<()> {
+/// `mqtt://HOST[:PORT]` → (host, port).
+pub fn parse_broker_url(url: &str) -> anyhow::Result<(String, u16)> {
+    let rest = url
+        .strip_prefix("mqtt://")
+        .ok_or_else(|| anyhow::anyhow!("--broker {url:?}: expected mqtt://HOST:PORT"))?;
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+            (h, p.parse().map_err(|_| anyhow::anyhow!("--broker {url:?}: bad port"))?)
+        }
+        _ => (rest, 1883),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        anyhow::bail!("--broker {url:?}: no host");
+    }
+    Ok((host.to_owned(), port))
+}
+
+fn serve(cfg: Config, source: Source) -> anyhow::Result<()> {
     let dir = &cfg.data_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("creating data directory {}", dir.display()))?;
     let origin = (!cfg.log.origin.is_empty()).then_some(cfg.log.origin.as_str());
@@ -109,13 +139,50 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let outbox = embedded::start(&settings, intake.clone())?;
-    if let Some((listener, acceptor)) = tls {
-        let upstream = tls::local_target(cfg.mqtt.listen);
-        let handshake = std::time::Duration::from_millis(cfg.mqtt.connection_timeout_ms.into());
-        tracing::info!(listen = ?listener.local_addr().ok(), "MQTT over TLS");
-        rt.spawn(tls::serve(listener, acceptor, upstream, handshake));
-    }
+    let outbox = match &source {
+        Source::Embedded => {
+            let outbox = embedded::start(&settings, intake.clone())?;
+            if let Some((listener, acceptor)) = tls {
+                let upstream = tls::local_target(cfg.mqtt.listen);
+                let handshake = std::time::Duration::from_millis(cfg.mqtt.connection_timeout_ms.into());
+                tracing::info!(listen = ?listener.local_addr().ok(), "MQTT over TLS");
+                rt.spawn(tls::serve(listener, acceptor, upstream, handshake));
+            }
+            outbox
+        }
+        Source::Upstream(url) => {
+            let (host, port) = parse_broker_url(url)?;
+            let s = &cfg.sidecar;
+            let password = match &s.password_file {
+                Some(p) => Some(
+                    std::fs::read_to_string(p)
+                        .with_context(|| format!("reading sidecar.password_file {}", p.display()))?
+                        .trim_end_matches(['\r', '\n'])
+                        .to_owned(),
+                ),
+                None => None,
+            };
+            let client_id = if s.client_id.is_empty() {
+                signer.name().replace(['/', '+', '#'], "-")
+            } else {
+                s.client_id.clone()
+            };
+            let settings = notary_plugin::sidecar::SidecarSettings {
+                host,
+                port,
+                client_id,
+                topics: s.topics.clone(),
+                username: s.username.clone(),
+                password,
+                keep_alive_s: s.keep_alive_s,
+                max_payload_bytes: cfg.mqtt.max_payload_bytes,
+                max_retry_ms: s.max_retry_ms,
+                alive_file: dir.join("sidecar.alive"),
+            };
+            tracing::info!(broker = %url, client_id = %settings.client_id, topics = ?settings.topics, "sidecar: notarizing an existing broker");
+            notary_plugin::sidecar::start(&settings, intake.clone(), inlets.metrics())?
+        }
+    };
     let pipeline_cfg = PipelineConfig {
         data_dir: dir.clone(),
         policy: BatchPolicy {
@@ -139,7 +206,14 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
     };
     let pipeline = Pipeline::start(&pipeline_cfg, intake, inlets, outbox, signer, vec![ledger])?;
     let api = http::Api { proofs: pipeline.proofs.clone(), metrics: pipeline.metrics.clone() };
-    tracing::info!(mqtt = %cfg.mqtt.listen, http = %cfg.http.listen, data_dir = %dir.display(), "mqtt-notary ready");
+    match &source {
+        Source::Embedded => {
+            tracing::info!(mqtt = %cfg.mqtt.listen, http = %cfg.http.listen, data_dir = %dir.display(), "mqtt-notary ready")
+        }
+        Source::Upstream(url) => {
+            tracing::info!(broker = %url, http = %cfg.http.listen, data_dir = %dir.display(), "mqtt-notary sidecar ready")
+        }
+    }
 
     rt.block_on(async move {
         let stop = CancellationToken::new();
@@ -180,5 +254,20 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_broker_url;
+
+    #[test]
+    fn broker_urls() {
+        assert_eq!(parse_broker_url("mqtt://h:1884").expect("ok"), ("h".into(), 1884));
+        assert_eq!(parse_broker_url("mqtt://10.0.0.1").expect("ok"), ("10.0.0.1".into(), 1883));
+        assert_eq!(parse_broker_url("mqtt://[::1]:1885/").expect("ok"), ("::1".into(), 1885));
+        assert!(parse_broker_url("tcp://h:1").is_err());
+        assert!(parse_broker_url("mqtt://h:port").is_err());
+        assert!(parse_broker_url("mqtt://").is_err());
     }
 }

@@ -105,6 +105,8 @@ async fn healthz(State(api): State<Api>) -> Response {
             "log_size": latest.map_or(0, |(size, _)| size),
             "queue_depth": api.metrics.queue_depth.load(std::sync::atomic::Ordering::Relaxed).max(0),
             "gap_messages": api.metrics.gap_messages_total.load(std::sync::atomic::Ordering::Relaxed),
+            "source_outages": api.metrics.source_outages_total.load(std::sync::atomic::Ordering::Relaxed),
+            "source_outage_ms": api.metrics.source_disconnected_ms_total.load(std::sync::atomic::Ordering::Relaxed),
         }))
         .into_response(),
         Ok(Err(e)) => internal(e),

@@ -34,7 +34,16 @@ const MAX_GROUP: usize = 4096;
 
 pub(crate) enum IngestItem {
     Message(Message),
-    Gap { missed: u64, at_ms: u64 },
+    Gap {
+        missed: u64,
+        at_ms: u64,
+    },
+    /// Called once everything queued before it is persisted.
+    Barrier(Box<dyn FnOnce() + Send>),
+    Outage {
+        from_ms: u64,
+        to_ms: u64,
+    },
 }
 
 /// The pipeline's [`Sink`]: routes a source's messages to ingest or to the
@@ -100,6 +109,21 @@ impl Sink for Intake {
         Metrics::inc(&self.metrics.redelivered_skipped_total);
     }
 
+    fn outage(&self, from_ms: u64, to_ms: u64) {
+        Metrics::inc(&self.metrics.source_outages_total);
+        Metrics::add(&self.metrics.source_disconnected_ms_total, to_ms.saturating_sub(from_ms));
+        tracing::warn!(
+            from_ms,
+            to_ms,
+            "source outage: messages published meanwhile without a queue (QoS 0) were not notarized"
+        );
+        let _ = self.send(IngestItem::Outage { from_ms, to_ms });
+    }
+
+    fn after_commit(&self, done: Box<dyn FnOnce() + Send>) -> Result<(), Closed> {
+        self.send(IngestItem::Barrier(done))
+    }
+
     fn gap(&self, missed: u64) {
         Metrics::inc(&self.metrics.gap_events_total);
         Metrics::add(&self.metrics.gap_messages_total, missed);
@@ -134,6 +158,7 @@ enum Judged {
     Signed { msg: Message, env: Box<Envelope>, key: VerifyingKey, key_seq: u64 },
     Rejected(Rejection),
     Gap { missed: u64, at_ms: u64 },
+    Outage { from_ms: u64, to_ms: u64 },
 }
 
 fn rejection(msg: &Message, reason: &'static str, detail: String, device: Option<String>) -> Rejection {
@@ -170,8 +195,17 @@ impl Ingest {
                 }
             }
             let taken = group.len() as i64;
-            self.process(group.drain(..));
+            // Barriers fire after the group's one commit, which holds every
+            // item queued before them.
+            let (barriers, items): (Vec<_>, Vec<_>) =
+                group.drain(..).partition(|i| matches!(i, IngestItem::Barrier(_)));
+            self.process(items.into_iter());
             self.metrics.queue_depth.fetch_sub(taken, Relaxed);
+            for b in barriers {
+                if let IngestItem::Barrier(done) = b {
+                    done();
+                }
+            }
         }
         tracing::debug!("ingest drained");
     }
@@ -267,9 +301,13 @@ impl Ingest {
 
     fn process(&mut self, items: impl Iterator<Item = IngestItem>) {
         let judged: Vec<Judged> = items
-            .map(|item| match item {
-                IngestItem::Message(m) => self.judge(m),
-                IngestItem::Gap { missed, at_ms } => Judged::Gap { missed, at_ms },
+            .filter_map(|item| match item {
+                IngestItem::Message(m) => Some(self.judge(m)),
+                IngestItem::Gap { missed, at_ms } => Some(Judged::Gap { missed, at_ms }),
+                IngestItem::Outage { from_ms, to_ms } => Some(Judged::Outage { from_ms, to_ms }),
+                // `run` takes barriers out before; one dropped unfired only
+                // leaves messages unacknowledged (redelivered), never lost.
+                IngestItem::Barrier(_) => None,
             })
             .collect();
         let signed: Vec<(&Envelope, &VerifyingKey)> = judged
@@ -355,6 +393,12 @@ impl Ingest {
                 Judged::Gap { missed, at_ms } => {
                     if let Err(e) = self.store.record_gap(at_ms, missed, self.next_seq) {
                         tracing::error!(error = %e, missed, "could not record gap");
+                    }
+                    continue;
+                }
+                Judged::Outage { from_ms, to_ms } => {
+                    if let Err(e) = self.store.record_outage(from_ms, to_ms, self.next_seq) {
+                        tracing::error!(error = %e, from_ms, to_ms, "could not record source outage");
                     }
                     continue;
                 }

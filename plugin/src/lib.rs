@@ -23,6 +23,7 @@ pub mod mqtt_api;
 pub mod proofs;
 pub mod registry;
 mod sealer;
+pub mod sidecar;
 pub mod source;
 pub mod store;
 pub mod tls;
@@ -63,6 +64,13 @@ pub struct Inlets {
     ingest_rx: Receiver<ingest::IngestItem>,
     proof_rx: Receiver<source::Message>,
     metrics: Arc<Metrics>,
+}
+
+impl Inlets {
+    /// The pipeline's counters, for a source that reports its own.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
 }
 
 pub fn inlets(queue_capacity: usize) -> (Arc<Intake>, Inlets) {

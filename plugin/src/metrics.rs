@@ -52,6 +52,10 @@ metrics! {
     proof_request_errors_total: "counter", "Proof requests answered with an error.";
     proof_requests_dropped_total: "counter", "Proof requests refused because the proof queue was full.";
     outbox_dropped_total: "counter", "Outgoing publishes dropped because the outbox was full.";
+    source_connected: "gauge", "Sidecar: 1 while connected to the upstream broker.";
+    source_disconnects_total: "counter", "Sidecar: times the connection to the upstream broker was lost.";
+    source_outages_total: "counter", "Sidecar: windows without a connection (lost, or not running), recorded in the store.";
+    source_disconnected_ms_total: "counter", "Sidecar: milliseconds of those windows (QoS 0 messages then are not notarized).";
     evm_anchors_signed_total: "counter", "EVM anchoring transactions signed (one per new anchor).";
     evm_anchors_final_total: "counter", "EVM anchors that reached the configured confirmations.";
     evm_anchored_size: "gauge", "Largest checkpoint size with a final EVM anchor.";

@@ -29,6 +29,17 @@ pub trait Sink: Send + Sync {
 
     /// Reports that the source skipped a message it had already delivered.
     fn redelivered(&self, behind: u64);
+
+    /// Reports a window in which the source could not receive messages (a
+    /// lost connection, or the process not running): messages published
+    /// then without a queue for us (MQTT QoS 0) were not notarized.
+    fn outage(&self, from_ms: u64, to_ms: u64);
+
+    /// Calls `done` (on a pipeline thread) once every message delivered
+    /// before this call is persisted: committed as a leaf, or recorded as
+    /// rejected. A source that acknowledges upstream only after persistence
+    /// (the sidecar's QoS 1 subscription) uses it.
+    fn after_commit(&self, done: Box<dyn FnOnce() + Send>) -> Result<(), Closed>;
 }
 
 /// Publishes the pipeline's own messages (proof answers, checkpoints).

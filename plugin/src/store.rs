@@ -98,6 +98,12 @@ CREATE TABLE IF NOT EXISTS rejections (
     device      TEXT
 );
 CREATE INDEX IF NOT EXISTS rejections_by_digest ON rejections(digest);
+CREATE TABLE IF NOT EXISTS source_outages (
+    id        INTEGER PRIMARY KEY,
+    from_ms   INTEGER NOT NULL,
+    to_ms     INTEGER NOT NULL,
+    after_seq INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS evm_anchors (
     id            INTEGER PRIMARY KEY,
     size          INTEGER NOT NULL,
@@ -433,6 +439,24 @@ impl Store {
             params![at_ms, missed, after_seq],
         )?;
         Ok(())
+    }
+
+    /// Records a window in which the source could not receive messages
+    /// (the sidecar was disconnected or not running).
+    pub fn record_outage(&self, from_ms: u64, to_ms: u64, after_seq: u64) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO source_outages (from_ms, to_ms, after_seq) VALUES (?1, ?2, ?3)",
+            params![from_ms, to_ms, after_seq],
+        )?;
+        Ok(())
+    }
+
+    /// Every recorded outage: (from_ms, to_ms, after_seq), oldest first.
+    pub fn outages(&self) -> Result<Vec<(u64, u64, u64)>, StoreError> {
+        let mut stmt =
+            self.conn.prepare("SELECT from_ms, to_ms, after_seq FROM source_outages ORDER BY id")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// The last sealed batch, if any.

@@ -10,14 +10,7 @@ use std::process::Command;
 #[test]
 fn logins_come_from_a_mosquitto_password_file() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let passwd = tmp.path().join("passwd");
-    let made = Command::new("mosquitto_passwd")
-        .args(["-c", "-b"])
-        .arg(&passwd)
-        .args(["sensor", "s3cret pass"])
-        .output()
-        .expect("mosquitto_passwd is installed");
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let passwd = mosquitto_password_file(tmp.path(), "sensor", "s3cret pass");
     let config =
         fast_config(tmp.path(), &format!("[mqtt]\npassword_file = {:?}\n", passwd.display().to_string()));
     let n = Notary::start_with(tmp.path(), Some(config));

@@ -30,7 +30,7 @@ fn bundles(json: &str) -> Vec<ProofBundle> {
 }
 
 /// Verifies with the library and the CLI; returns the CLI's report.
-fn verify_device_signed(n: &Notary, json: &str, payload: &[u8], device: &str) -> String {
+pub(crate) fn verify_device_signed(n: &Notary, json: &str, payload: &[u8], device: &str) -> String {
     let key = broker_verifier(n);
     for b in bundles(json) {
         let v = notary_proof::verify_bundle(&b, payload, &key).expect("bundle verifies");

@@ -9,5 +9,6 @@ mod devices;
 mod evm;
 mod notarize;
 mod restart;
+mod sidecar;
 mod support;
 mod tamper;

@@ -21,25 +21,7 @@ fn ten_thousand_messages_from_mosquitto_pub_all_verify() {
     assert_eq!(notary.metric("messages_received_total"), N as u64);
     assert_eq!(notary.metric("gap_messages_total"), 0);
 
-    let key = broker_verifier(&notary);
-    let mut seqs = std::collections::HashSet::new();
-    for (i, line) in lines.iter().enumerate() {
-        let body = notary.wait_proof(line.as_bytes());
-        let bundles: Vec<Value> = serde_json::from_str(&body).expect("JSON array");
-        assert_eq!(bundles.len(), 1, "message {i} notarized once");
-        let v = verify_bundle_json(bundles[0].to_string().as_bytes(), line.as_bytes(), &key)
-            .unwrap_or_else(|e| panic!("message {i}: {e}"));
-        assert_eq!(v.leaf.topic, "factory/line1/readings");
-        assert!(seqs.insert(v.leaf.seq), "sequence numbers are unique");
-        // The command-line verifier agrees, on a sample spread over all batches.
-        if i % 500 == 0 || i == N - 1 {
-            let (code, out, err) = cli_verify(&body, line.as_bytes(), &notary.broker_key());
-            assert_eq!(code, 0, "verify rejected message {i}: {err}");
-            assert!(out.contains("topic:       factory/line1/readings"), "{out}");
-            assert!(out.contains("assurance:   broker-received"), "{out}");
-        }
-    }
-    assert_eq!(seqs.len(), N);
+    assert_eq!(verify_all(&notary, &lines, "factory/line1/readings"), N, "each message notarized once");
     let (code, out) = ledger_verify(&notary.dir);
     assert_eq!(code, 0, "{out}");
 }

@@ -42,9 +42,12 @@ pub fn blake3_hex(payload: &[u8]) -> String {
 /// A running `mqtt-notary run`.
 pub struct Notary {
     pub dir: PathBuf,
+    /// Where to publish: the embedded broker, or the sidecar's upstream broker.
     pub mqtt: u16,
     pub http: u16,
     pub config: Option<PathBuf>,
+    /// Set for `mqtt-notary sidecar`: the upstream broker's URL.
+    pub upstream: Option<String>,
     child: Option<Child>,
 }
 
@@ -62,8 +65,31 @@ impl Notary {
     }
 
     pub fn start_with(dir: &Path, config: Option<PathBuf>) -> Notary {
-        let mut n =
-            Notary { dir: dir.join("data"), mqtt: free_port(), http: free_port(), config, child: None };
+        let mut n = Notary {
+            dir: dir.join("data"),
+            mqtt: free_port(),
+            http: free_port(),
+            config,
+            upstream: None,
+            child: None,
+        };
+        n.spawn();
+        n
+    }
+
+    /// `mqtt-notary sidecar` on the broker at `broker_port`, with the data
+    /// directory `dir/data` (or `dir/<name>` for several sidecars).
+    pub fn sidecar(dir: &Path, name: &str, broker_port: u16, extra_config: &str) -> Notary {
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(&config, format!("[log]\nmax_batch_age_ms = 100\n{extra_config}")).expect("config");
+        let mut n = Notary {
+            dir: dir.join(name),
+            mqtt: broker_port,
+            http: free_port(),
+            config: Some(config),
+            upstream: Some(format!("mqtt://127.0.0.1:{broker_port}")),
+            child: None,
+        };
         n.spawn();
         n
     }
@@ -75,11 +101,11 @@ impl Notary {
             .open(self.dir.with_extension("log"))
             .expect("log file");
         let mut cmd = Command::new(BIN);
-        cmd.arg("run")
-            .arg("--data-dir")
-            .arg(&self.dir)
-            .args(["--mqtt", &format!("127.0.0.1:{}", self.mqtt)])
-            .args(["--http", &format!("127.0.0.1:{}", self.http)]);
+        match &self.upstream {
+            None => cmd.arg("run").args(["--mqtt", &format!("127.0.0.1:{}", self.mqtt)]),
+            Some(url) => cmd.args(["sidecar", "--broker", url]),
+        };
+        cmd.arg("--data-dir").arg(&self.dir).args(["--http", &format!("127.0.0.1:{}", self.http)]);
         if let Some(c) = &self.config {
             cmd.arg("--config").arg(c);
         }
@@ -95,7 +121,10 @@ impl Notary {
             }
             let http = self.get("/healthz").0 == 200;
             let mqtt = TcpStream::connect(("127.0.0.1", self.mqtt)).is_ok();
-            (http && mqtt).then_some(())
+            // A sidecar is ready once subscribed upstream: before that, a
+            // broker routes nothing to it.
+            let subscribed = self.upstream.is_none() || self.metric("source_connected") == 1;
+            (http && mqtt && subscribed).then_some(())
         });
     }
 
@@ -438,7 +467,7 @@ impl Notary {
 /// `scripts/test` installs it). Its state lives in a file, so it can be
 /// stopped and started again on the same port with the same chain.
 pub struct Anvil {
-    child: Option<Child>,
+    child: Process,
     pub url: String,
     pub port: u16,
     args: Vec<String>,
@@ -461,7 +490,7 @@ impl Anvil {
     /// On a chosen port, with extra arguments (`--no-mining`, ...).
     pub fn start_with(port: u16, args: &[&str]) -> Anvil {
         let mut a = Anvil {
-            child: None,
+            child: Process(None),
             url: format!("http://127.0.0.1:{port}"),
             port,
             args: args.iter().map(|s| s.to_string()).collect(),
@@ -482,21 +511,18 @@ impl Anvil {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {bin} ({e}); scripts/test installs it"));
-        self.child = Some(child);
+        self.child = Process(Some(child));
         eventually("anvil to answer", || self.try_rpc("eth_chainId", serde_json::json!([])));
     }
 
     /// SIGTERM: anvil writes its state and exits; the endpoint is down.
     pub fn stop(&mut self) {
-        let mut child = self.child.take().expect("running");
-        let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
-        assert!(ok.success());
-        child.wait().expect("wait");
+        self.child.terminate();
     }
 
     /// Starts it again on the same port, with the chain it had.
     pub fn restart(&mut self) {
-        assert!(self.child.is_none(), "stop first");
+        assert!(self.child.0.is_none(), "stop first");
         self.spawn();
     }
 
@@ -571,11 +597,122 @@ pub fn hex_u64(v: &serde_json::Value) -> u64 {
     v.as_str().and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok()).expect("hex quantity")
 }
 
-impl Drop for Anvil {
+/// A server process the tests start, stop with SIGTERM, and kill when dropped.
+pub struct Process(Option<Child>);
+
+impl Process {
+    /// SIGTERM, and waits for it to exit.
+    pub fn terminate(&mut self) {
+        let mut child = self.0.take().expect("running");
+        let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+        assert!(ok.success());
+        child.wait().expect("wait");
+    }
+}
+
+impl Drop for Process {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
+        if let Some(mut c) = self.0.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
+}
+
+/// A real Mosquitto broker (Debian's package) on a free port. It keeps
+/// unlimited queues for offline persistent sessions, as the README tells
+/// operators to configure it for a sidecar.
+pub struct Mosquitto {
+    child: Process,
+    pub port: u16,
+    conf: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    pub fn start() -> Mosquitto {
+        Self::start_with("allow_anonymous true\n")
+    }
+
+    /// With extra lines for its listener (e.g. a password file).
+    pub fn start_with(extra: &str) -> Mosquitto {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\n{extra}persistence false\n\
+                 max_queued_messages 0\nmax_inflight_messages 20\n"
+            ),
+        )
+        .expect("write mosquitto.conf");
+        let mut m = Mosquitto { child: Process(None), port, conf, _dir: dir };
+        m.spawn();
+        m
+    }
+
+    fn spawn(&mut self) {
+        let bin = ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap_or("mosquitto");
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&self.conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start mosquitto ({e}); scripts/test installs it"));
+        self.child = Process(Some(child));
+        eventually("mosquitto to listen", || TcpStream::connect(("127.0.0.1", self.port)).ok());
+    }
+
+    /// SIGTERM and wait: the broker is gone (with its in-memory sessions).
+    pub fn stop(&mut self) {
+        self.child.terminate();
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.0.is_none(), "stop first");
+        self.spawn();
+    }
+}
+
+/// Fetches every line's bundles from the notary's HTTP API and verifies
+/// them with the library (and a sample with the CLI); each line must be
+/// notarized at least once, on `topic`. Returns how many leaves that took.
+pub fn verify_all(notary: &Notary, lines: &[String], topic: &str) -> usize {
+    let key = broker_verifier(notary);
+    let mut seqs = std::collections::HashSet::new();
+    for (i, line) in lines.iter().enumerate() {
+        let body = notary.wait_proof(line.as_bytes());
+        let bundles: Vec<serde_json::Value> = serde_json::from_str(&body).expect("JSON array");
+        for b in &bundles {
+            let v = notary_proof::verify_bundle_json(b.to_string().as_bytes(), line.as_bytes(), &key)
+                .unwrap_or_else(|e| panic!("message {i}: {e}"));
+            assert_eq!(v.leaf.topic, topic);
+            assert!(seqs.insert(v.leaf.seq), "sequence numbers are unique");
+        }
+        // The command-line verifier agrees, on a sample spread over all batches.
+        if i % 500 == 0 || i == lines.len() - 1 {
+            let (code, out, err) = cli_verify(&body, line.as_bytes(), &notary.broker_key());
+            assert_eq!(code, 0, "verify rejected message {i}: {err}");
+            assert!(out.contains(&format!("topic:       {topic}")), "{out}");
+        }
+    }
+    seqs.len()
+}
+
+/// A Mosquitto password file with one user, made by the real `mosquitto_passwd`.
+pub fn mosquitto_password_file(dir: &Path, user: &str, password: &str) -> PathBuf {
+    let path = dir.join("passwd");
+    let made = Command::new("mosquitto_passwd")
+        .args(["-c", "-b"])
+        .arg(&path)
+        .args([user, password])
+        .output()
+        .expect("mosquitto_passwd is installed");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    path
 }

@@ -1,0 +1,210 @@
+//! An external MQTT broker (Mosquitto, EMQX, HiveMQ, ...) as a message
+//! source: the sidecar subscribes to it as a client (rumqttc) and serves
+//! proofs on it. This module and `embedded.rs` are the two sources; the rest
+//! of the pipeline sees only [`Sink`] and [`Outbox`].
+//!
+//! Delivery: a persistent session (clean session off, a fixed client id)
+//! and QoS 1 subscriptions, so the broker keeps messages for the sidecar
+//! while it is away. QoS 1 publishes are acknowledged only after ingest has
+//! persisted them ([`Sink::after_commit`]), so a crash of the sidecar loses
+//! nothing the broker handed over: unacknowledged messages are redelivered
+//! at the next connection. QoS 1 is at-least-once, so a message redelivered
+//! after a reconnect may be notarized twice (two leaves, both provable).
+//! QoS 0 messages published while the sidecar is disconnected never reach
+//! it: every disconnected window is logged, counted and exposed.
+
+use crate::metrics::Metrics;
+use crate::source::{now_ms, Message, Outbox, Sink};
+use rumqttc::{Client, Event, MqttOptions, Packet, Publish, QoS, SubscribeFilter, SubscribeReasonCode};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Publishes queued for the upstream broker (answers, checkpoints).
+const OUTBOX_CAPACITY: usize = 4096;
+/// Acknowledge after a commit at least this often while messages wait.
+const ACK_EVERY: Duration = Duration::from_millis(20);
+/// ...and at once when this many wait (brokers cap unacknowledged QoS 1
+/// messages per client: Mosquitto's `max_inflight_messages` is 20).
+const ACK_BATCH: usize = 16;
+
+#[derive(Debug, Clone)]
+pub struct SidecarSettings {
+    pub host: String,
+    pub port: u16,
+    /// Fixed, so the broker keeps the session across restarts.
+    pub client_id: String,
+    /// Topic filters to notarize (QoS 1), e.g. `#` or `$share/notary/#`.
+    pub topics: Vec<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub keep_alive_s: u64,
+    pub max_payload_bytes: usize,
+    /// Longest wait between reconnection attempts.
+    pub max_retry_ms: u64,
+    /// Where the sidecar notes, every second while connected, that it was
+    /// receiving; at the next start the time since is recorded as an outage.
+    pub alive_file: std::path::PathBuf,
+}
+
+/// How often the alive file is rewritten while connected.
+const ALIVE_EVERY_MS: u64 = 1000;
+
+fn read_alive(path: &std::path::Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+struct Outgoing {
+    client: Client,
+}
+
+impl Outbox for Outgoing {
+    fn publish(&self, topic: &str, payload: Vec<u8>, retain: bool) -> bool {
+        self.client.try_publish(topic, QoS::AtLeastOnce, retain, payload).is_ok()
+    }
+}
+
+/// QoS 1 publishes delivered to the pipeline and not yet acknowledged.
+struct Acks {
+    client: Client,
+    waiting: Mutex<Vec<Publish>>,
+}
+
+impl Acks {
+    /// Hands the waiting publishes to the pipeline's next commit, which
+    /// acknowledges them upstream.
+    fn flush(self: &Arc<Self>, sink: &dyn Sink) {
+        let batch = match self.waiting.lock() {
+            Ok(mut w) if !w.is_empty() => std::mem::take(&mut *w),
+            _ => return,
+        };
+        let client = self.client.clone();
+        let done = Box::new(move || {
+            for p in &batch {
+                // A full request queue only delays the acknowledgement: the
+                // broker redelivers at the next connection.
+                let _ = client.try_ack(p);
+            }
+        });
+        let _ = sink.after_commit(done);
+    }
+
+    fn push(&self, p: Publish) -> usize {
+        match self.waiting.lock() {
+            Ok(mut w) => {
+                w.push(p);
+                w.len()
+            }
+            Err(_) => 0,
+        }
+    }
+}
+
+/// Connects (and keeps reconnecting) to the upstream broker on threads of
+/// its own; returns the outbox that publishes there.
+pub fn start(
+    s: &SidecarSettings,
+    sink: Arc<dyn Sink>,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<Arc<dyn Outbox>> {
+    let mut opts = MqttOptions::new(&s.client_id, &s.host, s.port);
+    opts.set_clean_session(false)
+        .set_manual_acks(true)
+        .set_keep_alive(Duration::from_secs(s.keep_alive_s.max(5)))
+        .set_max_packet_size(s.max_payload_bytes + 64 * 1024, s.max_payload_bytes + 64 * 1024);
+    if let (Some(u), Some(p)) = (&s.username, &s.password) {
+        opts.set_credentials(u, p);
+    }
+    let (client, mut connection) = Client::new(opts, OUTBOX_CAPACITY);
+    let acks = Arc::new(Acks { client: client.clone(), waiting: Mutex::new(Vec::new()) });
+
+    // The ticker: acknowledges what waits, so a slow trickle is not held,
+    // and notes that the sidecar is alive and connected.
+    let (ticker_acks, ticker_sink, ticker_metrics) = (acks.clone(), sink.clone(), metrics.clone());
+    let alive_file = s.alive_file.clone();
+    std::thread::Builder::new().name("notary-sidecar-acks".into()).spawn(move || {
+        let mut last_alive = 0;
+        loop {
+            std::thread::sleep(ACK_EVERY);
+            ticker_acks.flush(&*ticker_sink);
+            let now = now_ms();
+            if ticker_metrics.source_connected.load(Relaxed) == 1 && now >= last_alive + ALIVE_EVERY_MS {
+                if let Err(e) = std::fs::write(&alive_file, now.to_string()) {
+                    tracing::warn!(file = %alive_file.display(), error = %e, "cannot note that the sidecar is alive");
+                }
+                last_alive = now;
+            }
+            if Arc::strong_count(&ticker_acks) == 1 {
+                return; // the connection thread is gone
+            }
+        }
+    })?;
+
+    let settings = s.clone();
+    let sub_client = client.clone();
+    std::thread::Builder::new().name("notary-sidecar".into()).spawn(move || {
+        let mut retry_ms = 0u64;
+        // The last run's last sign of life: the time since is an outage.
+        let mut down_since: Option<u64> = read_alive(&settings.alive_file);
+        for event in connection.iter() {
+            match event {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    retry_ms = 0;
+                    tracing::info!(
+                        broker = %format!("{}:{}", settings.host, settings.port),
+                        session_present = ack.session_present,
+                        "connected to the upstream broker"
+                    );
+                    // Always subscribe: a broker that lost the session (a
+                    // restart without persistence) lost the subscription too.
+                    let filters =
+                        settings.topics.iter().map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
+                    if let Err(e) = sub_client.try_subscribe_many(filters) {
+                        tracing::error!(error = %e, "cannot subscribe");
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    let refused = ack.return_codes.iter().filter(|c| matches!(c, SubscribeReasonCode::Failure)).count();
+                    if refused > 0 {
+                        tracing::error!(refused, topics = ?settings.topics, "the upstream broker refused subscriptions (check its ACLs)");
+                    }
+                    metrics.source_connected.store(1, Relaxed);
+                    if let Some(since) = down_since.take() {
+                        sink.outage(since, now_ms());
+                    }
+                    tracing::info!(topics = ?settings.topics, "subscribed; notarizing");
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let topic = p.topic.clone();
+                    let msg = Message { topic, payload: p.payload.to_vec(), received_at_ms: now_ms() };
+                    if sink.deliver(msg).is_err() {
+                        tracing::info!("pipeline closed; sidecar stops reading");
+                        return;
+                    }
+                    if p.qos != QoS::AtMostOnce && acks.push(p) >= ACK_BATCH {
+                        acks.flush(&*sink);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if metrics.source_connected.swap(0, Relaxed) == 1 {
+                        down_since = Some(now_ms());
+                        Metrics::inc(&metrics.source_disconnects_total);
+                        tracing::warn!(error = %e, "lost the upstream broker; QoS 0 messages published meanwhile are not notarized");
+                    } else if retry_ms == 0 {
+                        tracing::warn!(error = %e, "cannot reach the upstream broker; retrying");
+                    } else {
+                        tracing::debug!(error = %e, "upstream broker still unreachable");
+                    }
+                    // Unacknowledged QoS 1 messages will be redelivered.
+                    if let Ok(mut w) = acks.waiting.lock() {
+                        w.clear();
+                    }
+                    retry_ms = (retry_ms * 2).clamp(100, settings.max_retry_ms.max(100));
+                    std::thread::sleep(Duration::from_millis(retry_ms));
+                }
+            }
+        }
+    })?;
+    Ok(Arc::new(Outgoing { client }))
+}

@@ -1,0 +1,180 @@
+//! `mqtt-notary sidecar` on a real Mosquitto 2.0 (Debian's package) started
+//! on a free port: devices publish to Mosquitto with `mosquitto_pub`, the
+//! sidecar notarizes as Mosquitto's client and serves proofs on it and over
+//! HTTP, in the embedded broker's formats.
+
+use crate::support::*;
+
+fn lines(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{{\"{prefix}\":{i}}}")).collect()
+}
+
+#[test]
+fn ten_thousand_messages_through_mosquitto_are_notarized_by_the_sidecar_and_verify() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mosquitto = Mosquitto::start();
+    let sidecar = Notary::sidecar(tmp.path(), "sidecar", mosquitto.port, "");
+    const N: usize = 10_000;
+    let lines = lines("reading", N);
+    publish_lines(mosquitto.port, "factory/line2/readings", 1, &lines);
+    eventually("10,000 leaves persisted", || {
+        (sidecar.metric("messages_notarized_total") >= N as u64).then_some(())
+    });
+    assert_eq!(verify_all(&sidecar, &lines, "factory/line2/readings"), N, "each message notarized once");
+    assert_eq!(sidecar.metric("source_connected"), 1);
+
+    // Proofs over MQTT on Mosquitto itself, and the retained checkpoint.
+    let sub = Subscriber::start(mosquitto.port, &["notary/proof/response/t", "notary/checkpoint"], &[]);
+    let digest = blake3_hex(lines[7].as_bytes());
+    let request = format!("{{\"id\":7,\"digest\":\"{digest}\",\"reply_to\":\"notary/proof/response/t\"}}");
+    assert!(publish(mosquitto.port, "notary/proof/request", request.as_bytes(), &[]).status.success());
+    let (mut got_checkpoint, mut got_answer) = (false, false);
+    while !(got_checkpoint && got_answer) {
+        let (topic, body) = sub.next_message();
+        match topic.as_str() {
+            "notary/checkpoint" => got_checkpoint = body.starts_with(&sidecar_origin(&sidecar)),
+            "notary/proof/response/t" => {
+                got_answer = body.contains("\"status\":\"ok\"") && body.contains("\"id\":7");
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The log name, which starts every checkpoint note.
+fn sidecar_origin(n: &Notary) -> String {
+    let key = std::fs::read_to_string(n.broker_key()).expect("broker.pub");
+    key.split('+').next().expect("key name").to_owned()
+}
+
+#[test]
+fn a_sidecar_killed_mid_stream_notarizes_every_qos1_message_after_its_restart() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mosquitto = Mosquitto::start();
+    let mut sidecar = Notary::sidecar(tmp.path(), "sidecar", mosquitto.port, "");
+    let lines = lines("crash", 3_000);
+    let (port, to_send) = (mosquitto.port, lines.clone());
+    let publisher = std::thread::spawn(move || publish_lines(port, "meters/crash", 1, &to_send));
+    eventually("part of the stream notarized", || {
+        (sidecar.metric("messages_notarized_total") >= 300).then_some(())
+    });
+    sidecar.crash(); // kill -9, mid-stream
+    publisher.join().expect("publisher finished");
+    // Mosquitto kept every QoS 1 message the sidecar had not acknowledged.
+    sidecar.restart();
+    let leaves = verify_all(&sidecar, &lines, "meters/crash");
+    assert!(leaves >= lines.len(), "every message notarized at least once");
+}
+
+#[test]
+fn the_sidecar_reconnects_when_mosquitto_restarts_and_resumes() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut mosquitto = Mosquitto::start();
+    let sidecar = Notary::sidecar(tmp.path(), "sidecar", mosquitto.port, "[sidecar]\nmax_retry_ms = 200\n");
+    let before = lines("before", 50);
+    publish_lines(mosquitto.port, "plant/restart", 1, &before);
+    verify_all(&sidecar, &before, "plant/restart");
+
+    mosquitto.stop();
+    eventually("the sidecar to notice", || (sidecar.metric("source_connected") == 0).then_some(()));
+    assert_eq!(sidecar.metric("source_disconnects_total"), 1);
+    mosquitto.restart();
+    eventually("the sidecar to reconnect", || (sidecar.metric("source_connected") == 1).then_some(()));
+    // Mosquitto lost its sessions (no persistence): the sidecar subscribed again.
+    let after = lines("after", 50);
+    publish_lines(mosquitto.port, "plant/restart", 1, &after);
+    verify_all(&sidecar, &after, "plant/restart");
+    assert!(sidecar.metric("source_disconnected_ms_total") > 0, "the window is counted");
+}
+
+#[test]
+fn signed_envelopes_verify_the_same_way_through_the_sidecar() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mosquitto = Mosquitto::start();
+    let sidecar = Notary::sidecar(tmp.path(), "sidecar", mosquitto.port, "");
+    let (key, public) = keygen(tmp.path(), "meter-9");
+    sidecar.registry(&["add", "meter-9", "--public-key", &public]);
+    // `device publish` signs and publishes to Mosquitto (sidecar.mqtt) with rumqttc.
+    let digest = sidecar.device_publish("meter-9", &key, "meters/meter-9", "{\"kwh\":7}");
+    let json = sidecar.wait_proof_of(&digest);
+    let bundles: Vec<notary_proof::ProofBundle> = serde_json::from_str(&json).expect("bundles");
+    let leaf = notary_proof::LeafRecord::decode(&bundles[0].leaf).expect("leaf");
+    assert_eq!(leaf.assurance, notary_proof::Assurance::DeviceSigned);
+    // The library signs; mosquitto_pub publishes the bytes; library and CLI verify.
+    let env = notary_proof::envelope::sign(
+        &signing_key(&key),
+        &notary_proof::envelope::EnvelopeFields {
+            device_id: "meter-9",
+            counter: 1_000,
+            device_time_ms: 1_767_225_600_000,
+            content_type: "application/json",
+            topic: "meters/meter-9",
+            payload: b"{\"kwh\":8}",
+        },
+    )
+    .expect("signs");
+    assert!(publish(mosquitto.port, "meters/meter-9", &env, &[]).status.success());
+    crate::devices::verify_device_signed(&sidecar, &sidecar.wait_proof(&env), &env, "meter-9");
+
+    // An envelope from a device the registry does not know is rejected, with
+    // its reason, exactly as on the embedded broker.
+    let (stranger, _) = keygen(tmp.path(), "stranger");
+    let digest = sidecar.device_publish("stranger", &stranger, "meters/stranger", "{\"kwh\":1}");
+    let (status, body) = eventually("the rejection", || {
+        let r = sidecar.get(&format!("/v1/proofs/{digest}"));
+        (r.0 == 422).then_some(r)
+    });
+    assert_eq!(status, 422);
+    assert!(body.contains("unknown-device"), "{body}");
+}
+
+#[test]
+fn qos0_messages_missed_while_the_sidecar_is_down_are_reported_as_an_outage() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mosquitto = Mosquitto::start();
+    let mut sidecar = Notary::sidecar(tmp.path(), "sidecar", mosquitto.port, "");
+    assert!(publish(mosquitto.port, "plant/q0", b"q0 before", &["-q", "0"]).status.success());
+    sidecar.wait_proof(b"q0 before");
+    // The sidecar notes it is alive once a second while connected.
+    eventually("the alive note", || sidecar.dir.join("sidecar.alive").exists().then_some(()));
+    sidecar.crash();
+
+    let missed_at = notary_plugin::source::now_ms();
+    assert!(publish(mosquitto.port, "plant/q0", b"q0 missed", &["-q", "0"]).status.success());
+    sidecar.restart();
+    assert!(publish(mosquitto.port, "plant/q0", b"q0 after", &["-q", "0"]).status.success());
+    sidecar.wait_proof(b"q0 after");
+
+    // Mosquitto keeps no QoS 0 messages for an absent client: that one is
+    // gone, and the window it fell into is on record, not hidden.
+    let (status, _) = sidecar.get(&format!("/v1/proofs/{}", blake3_hex(b"q0 missed")));
+    assert_eq!(status, 404);
+    assert_eq!(sidecar.metric("source_outages_total"), 1);
+    let (_, health) = sidecar.get("/healthz");
+    let health: serde_json::Value = serde_json::from_str(&health).expect("json");
+    assert_eq!(health["source_outages"], 1, "{health}");
+    let outages = notary_plugin::store::Store::open(&sidecar.dir).expect("store").outages().expect("outages");
+    assert_eq!(outages.len(), 1);
+    let (from, to, _) = outages[0];
+    assert!(from <= missed_at && missed_at <= to, "the window {from}..{to} covers {missed_at}");
+}
+
+#[test]
+fn the_sidecar_logs_in_with_a_password_from_a_file() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let passwd = mosquitto_password_file(tmp.path(), "notary", "side car");
+    let mosquitto =
+        Mosquitto::start_with(&format!("allow_anonymous false\npassword_file {}\n", passwd.display()));
+    let secret = tmp.path().join("upstream.password");
+    std::fs::write(&secret, "side car\n").expect("write");
+    let sidecar = Notary::sidecar(
+        tmp.path(),
+        "sidecar",
+        mosquitto.port,
+        &format!("[sidecar]\nusername = \"notary\"\npassword_file = {:?}\n", secret.display().to_string()),
+    );
+    let out = publish(mosquitto.port, "t/login", b"behind a login", &["-u", "notary", "-P", "side car"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    sidecar.wait_proof(b"behind a login");
+    assert!(!sidecar.log().contains("side car"), "the password never reaches the log");
+}
