@@ -29,6 +29,8 @@ pub struct SidecarConfig {
     /// Empty: the log name with `/` as `-` (stable per data directory).
     pub client_id: String,
     pub topics: Vec<String>,
+    /// Several sidecars share the load through `$share/<group>/...`.
+    pub group: String,
     pub username: Option<String>,
     pub password_file: Option<PathBuf>,
     pub keep_alive_s: u64,
@@ -40,6 +42,7 @@ impl Default for SidecarConfig {
         SidecarConfig {
             client_id: String::new(),
             topics: vec!["#".into()],
+            group: String::new(),
             username: None,
             password_file: None,
             keep_alive_s: 30,

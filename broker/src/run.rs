@@ -172,6 +172,8 @@ fn serve(cfg: Config, source: Source) -> anyhow::Result<()> {
                 port,
                 client_id,
                 topics: s.topics.clone(),
+                group: (!s.group.is_empty()).then(|| s.group.clone()),
+                log_name: signer.name().to_owned(),
                 username: s.username.clone(),
                 password,
                 keep_alive_s: s.keep_alive_s,
@@ -190,6 +192,7 @@ fn serve(cfg: Config, source: Source) -> anyhow::Result<()> {
             max_batch_age_ms: cfg.log.max_batch_age_ms,
         },
         devices: cfg.devices.policy(),
+        answer_only_holders: matches!(source, Source::Upstream(_)) && !cfg.sidecar.group.is_empty(),
         evm: match &cfg.anchor.evm {
             Some(evm) => {
                 let c = evm.anchor_config()?;

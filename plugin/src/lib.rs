@@ -56,6 +56,10 @@ pub struct PipelineConfig {
     pub devices: DevicePolicy,
     /// Anchor on an EVM chain too (besides the ledgers given to `start`).
     pub evm: Option<evm_anchor::EvmAnchorConfig>,
+    /// Answer MQTT proof requests only for messages this log holds (found,
+    /// pending or rejected), staying silent otherwise: for sidecars that
+    /// share a subscription, where another member holds the message.
+    pub answer_only_holders: bool,
 }
 
 /// The channels a pipeline reads; created before the source so the source
@@ -141,8 +145,11 @@ impl Pipeline {
         let proof_rx = Arc::new(Mutex::new(proof_rx));
         for i in 0..PROOF_WORKERS {
             let (rx, p, o, m) = (proof_rx.clone(), proofs.clone(), outbox.clone(), metrics.clone());
-            threads
-                .push(spawn(&format!("notary-proofs-{i}"), Box::new(move || mqtt_api::serve(rx, p, o, m)))?);
+            let holders_only = cfg.answer_only_holders;
+            threads.push(spawn(
+                &format!("notary-proofs-{i}"),
+                Box::new(move || mqtt_api::serve(rx, p, o, m, holders_only)),
+            )?);
         }
         let (evm_stop, evm_thread) = match &cfg.evm {
             Some(evm) => {

@@ -5,7 +5,9 @@
 //! answer on `reply_to`. A request whose `reply_to` cannot be used (bad JSON,
 //! missing, outside `notary/proof/response/`) is answered on
 //! `notary/proof/errors`, so the broker never publishes onto device topics
-//! on a client's behalf.
+//! on a client's behalf. Sidecars that share a subscription each receive
+//! every request and only the one holding the message answers; errors
+//! (unknown digest, bad request) then go unanswered over MQTT.
 
 use crate::metrics::Metrics;
 use crate::proofs::{ProofAnswer, ProofService};
@@ -26,6 +28,7 @@ pub(crate) fn serve(
     proofs: Arc<ProofService>,
     outbox: Arc<dyn Outbox>,
     metrics: Arc<Metrics>,
+    holders_only: bool,
 ) {
     loop {
         let msg = match rx.lock() {
@@ -38,6 +41,9 @@ pub(crate) fn serve(
         let (topic, answer) = answer(&msg.payload, &proofs);
         if answer.get("status").and_then(Value::as_str) == Some("error") {
             Metrics::inc(&metrics.proof_request_errors_total);
+            if holders_only {
+                continue; // another member of the group may hold it
+            }
         }
         if !outbox.publish(&topic, answer.to_string().into_bytes(), false) {
             Metrics::inc(&metrics.outbox_dropped_total);

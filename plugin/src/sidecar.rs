@@ -34,8 +34,15 @@ pub struct SidecarSettings {
     pub port: u16,
     /// Fixed, so the broker keeps the session across restarts.
     pub client_id: String,
-    /// Topic filters to notarize (QoS 1), e.g. `#` or `$share/notary/#`.
+    /// Topic filters to notarize (QoS 1), e.g. `#`.
     pub topics: Vec<String>,
+    /// Share the load with other sidecars: the topics are subscribed as
+    /// `$share/<group>/<filter>`, every member subscribes to proof requests
+    /// itself, and the retained checkpoint goes to
+    /// `notary/checkpoint/<log name>` (one per member's log).
+    pub group: Option<String>,
+    /// The log's name (for the group's checkpoint topic).
+    pub log_name: String,
     pub username: Option<String>,
     pub password: Option<String>,
     pub keep_alive_s: u64,
@@ -56,11 +63,30 @@ fn read_alive(path: &std::path::Path) -> Option<u64> {
 
 struct Outgoing {
     client: Client,
+    /// In a group: where this member's retained checkpoint goes.
+    checkpoint_topic: Option<String>,
 }
 
 impl Outbox for Outgoing {
     fn publish(&self, topic: &str, payload: Vec<u8>, retain: bool) -> bool {
+        let topic = match &self.checkpoint_topic {
+            Some(own) if topic == crate::CHECKPOINT_TOPIC => own.as_str(),
+            _ => topic,
+        };
         self.client.try_publish(topic, QoS::AtLeastOnce, retain, payload).is_ok()
+    }
+}
+
+/// The filters to subscribe: the topics, shared in a group, and then the
+/// proof requests for every member.
+pub fn subscriptions(topics: &[String], group: Option<&str>) -> Vec<String> {
+    match group {
+        None => topics.to_vec(),
+        Some(g) => topics
+            .iter()
+            .map(|t| format!("$share/{g}/{t}"))
+            .chain([crate::PROOF_REQUEST_TOPIC.to_owned()])
+            .collect(),
     }
 }
 
@@ -140,7 +166,8 @@ pub fn start(
         }
     })?;
 
-    let settings = s.clone();
+    let mut settings = s.clone();
+    settings.topics = subscriptions(&s.topics, s.group.as_deref());
     let sub_client = client.clone();
     std::thread::Builder::new().name("notary-sidecar".into()).spawn(move || {
         let mut retry_ms = 0u64;
@@ -206,5 +233,6 @@ pub fn start(
             }
         }
     })?;
-    Ok(Arc::new(Outgoing { client }))
+    let checkpoint_topic = s.group.as_ref().map(|_| format!("{}/{}", crate::CHECKPOINT_TOPIC, s.log_name));
+    Ok(Arc::new(Outgoing { client, checkpoint_topic }))
 }

@@ -89,7 +89,7 @@ fn wait_final(n: &Notary, payload: &str) -> ProofBundle {
 }
 
 /// Like [`wait_final`], mining a block whenever the anchor is pending.
-fn wait_final_mining(n: &Notary, anvil: &Anvil, payload: &str) -> ProofBundle {
+pub(crate) fn wait_final_mining(n: &Notary, anvil: &Anvil, payload: &str) -> ProofBundle {
     eventually("a final EVM anchor", || {
         let b = bundle(n, payload);
         match status(&b) {

@@ -5,6 +5,7 @@ mod access;
 mod anchoring;
 mod bad_input;
 mod cli;
+mod compose;
 mod devices;
 mod evm;
 mod notarize;

@@ -178,3 +178,75 @@ fn the_sidecar_logs_in_with_a_password_from_a_file() {
     sidecar.wait_proof(b"behind a login");
     assert!(!sidecar.log().contains("side car"), "the password never reaches the log");
 }
+
+#[test]
+fn two_sidecars_in_a_group_notarize_each_message_once_and_the_holder_answers() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mosquitto = Mosquitto::start();
+    let group = "[sidecar]\ngroup = \"notary\"\ntopics = [\"factory/#\"]\n";
+    let a = Notary::sidecar(tmp.path(), "a", mosquitto.port, group);
+    let b = Notary::sidecar(tmp.path(), "b", mosquitto.port, group);
+    const N: usize = 2_000;
+    let lines = lines("shared", N);
+    publish_lines(mosquitto.port, "factory/shared", 1, &lines);
+    eventually("every message notarized by one of them", || {
+        let total = a.metric("messages_notarized_total") + b.metric("messages_notarized_total");
+        (total >= N as u64).then_some(())
+    });
+    assert_eq!(a.metric("messages_notarized_total") + b.metric("messages_notarized_total"), N as u64);
+    assert!(a.metric("messages_notarized_total") > 0 && b.metric("messages_notarized_total") > 0, "shared");
+
+    // Each message has a proof at exactly one member; asked over MQTT, the
+    // holder answers and the other stays silent.
+    let sub = Subscriber::start(mosquitto.port, &["notary/proof/response/g/#"], &[]);
+    for (i, line) in lines.iter().enumerate().step_by(97) {
+        let digest = blake3_hex(line.as_bytes());
+        let path = format!("/v1/proofs/{digest}");
+        let holder = eventually("the holder's proof", || {
+            let (sa, sb) = (a.get(&path).0, b.get(&path).0);
+            match (sa, sb) {
+                (200, 404) => Some(&a),
+                (404, 200) => Some(&b),
+                (200, 200) => panic!("message {i} notarized twice"),
+                _ => None,
+            }
+        });
+        let reply = format!("notary/proof/response/g/{i}");
+        let request = format!("{{\"id\":{i},\"digest\":\"{digest}\",\"reply_to\":\"{reply}\"}}");
+        assert!(publish(mosquitto.port, "notary/proof/request", request.as_bytes(), &[]).status.success());
+        let (topic, body) = sub.next_message();
+        assert_eq!(topic, reply, "one answer per request, in order");
+        let answer: serde_json::Value = serde_json::from_str(&body).expect("answer JSON");
+        assert_eq!(answer["status"], "ok", "{body}");
+        let bundle = answer["bundles"][0].to_string();
+        notary_proof::verify_bundle_json(bundle.as_bytes(), line.as_bytes(), &broker_verifier(holder))
+            .expect("the holder's bundle verifies with the holder's key");
+    }
+    // Each member's checkpoint is retained under its own log's name.
+    for n in [&a, &b] {
+        let origin = sidecar_origin(n);
+        let cp = Subscriber::start(mosquitto.port, &[&format!("notary/checkpoint/{origin}")], &["-C", "1"]);
+        let (_, first_line) = cp.next_message();
+        assert_eq!(first_line.trim(), origin);
+    }
+}
+
+/// The bridge recipe in the README, verbatim apart from the port: an
+/// existing Mosquitto forwards device topics to an embedded mqtt-notary.
+pub fn bridge_block(notary_port: u16) -> String {
+    format!(
+        "connection notary\naddress 127.0.0.1:{notary_port}\nbridge_protocol_version mqttv311\n\
+         try_private false\nnotifications false\ncleansession false\nkeepalive_interval 30\n\
+         topic factory/# out 1\n"
+    )
+}
+
+#[test]
+fn a_mosquitto_bridge_forwards_to_an_embedded_notary() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let notary = Notary::start(tmp.path());
+    let mosquitto = Mosquitto::start_with(&format!("allow_anonymous true\n{}", bridge_block(notary.mqtt)));
+    let lines = lines("bridged", 1_000);
+    publish_lines(mosquitto.port, "factory/bridged", 1, &lines);
+    assert_eq!(verify_all(&notary, &lines, "factory/bridged"), lines.len(), "each message notarized once");
+}

@@ -48,6 +48,8 @@ pub struct Notary {
     pub config: Option<PathBuf>,
     /// Set for `mqtt-notary sidecar`: the upstream broker's URL.
     pub upstream: Option<String>,
+    /// Extra environment for the process.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -71,6 +73,7 @@ impl Notary {
             http: free_port(),
             config,
             upstream: None,
+            env: Vec::new(),
             child: None,
         };
         n.spawn();
@@ -82,12 +85,23 @@ impl Notary {
     pub fn sidecar(dir: &Path, name: &str, broker_port: u16, extra_config: &str) -> Notary {
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(&config, format!("[log]\nmax_batch_age_ms = 100\n{extra_config}")).expect("config");
+        Self::sidecar_with(dir.join(name), config, broker_port, Vec::new())
+    }
+
+    /// A sidecar with a given config file and environment.
+    pub fn sidecar_with(
+        data_dir: PathBuf,
+        config: PathBuf,
+        broker_port: u16,
+        env: Vec<(String, String)>,
+    ) -> Notary {
         let mut n = Notary {
-            dir: dir.join(name),
+            dir: data_dir,
             mqtt: broker_port,
             http: free_port(),
             config: Some(config),
             upstream: Some(format!("mqtt://127.0.0.1:{broker_port}")),
+            env,
             child: None,
         };
         n.spawn();
@@ -109,6 +123,7 @@ impl Notary {
         if let Some(c) = &self.config {
             cmd.arg("--config").arg(c);
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let child = cmd.stdout(Stdio::null()).stderr(log).spawn().expect("start mqtt-notary");
         self.child = Some(child);
         self.wait_ready();
@@ -636,18 +651,21 @@ impl Mosquitto {
 
     /// With extra lines for its listener (e.g. a password file).
     pub fn start_with(extra: &str) -> Mosquitto {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let port = free_port();
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
+        Self::from_config(|port, _| {
             format!(
                 "listener {port} 127.0.0.1\n{extra}persistence false\n\
                  max_queued_messages 0\nmax_inflight_messages 20\n"
-            ),
-        )
-        .expect("write mosquitto.conf");
-        let mut m = Mosquitto { child: Process(None), port, conf, _dir: dir };
+            )
+        })
+    }
+
+    /// With a config file made by `conf(port, a private directory)`.
+    pub fn from_config(conf: impl FnOnce(u16, &Path) -> String) -> Mosquitto {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let path = dir.path().join("mosquitto.conf");
+        std::fs::write(&path, conf(port, dir.path())).expect("write mosquitto.conf");
+        let mut m = Mosquitto { child: Process(None), port, conf: path, _dir: dir };
         m.spawn();
         m
     }
