@@ -35,6 +35,20 @@ pub struct SidecarConfig {
     pub password_file: Option<PathBuf>,
     pub keep_alive_s: u64,
     pub max_retry_ms: u64,
+    /// For `mqtts://` brokers.
+    pub tls: Option<SidecarTlsConfig>,
+}
+
+/// `[sidecar.tls]`: how to trust the upstream broker, and an optional client
+/// certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SidecarTlsConfig {
+    pub ca_file: PathBuf,
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
 }
 
 impl Default for SidecarConfig {
@@ -47,6 +61,7 @@ impl Default for SidecarConfig {
             password_file: None,
             keep_alive_s: 30,
             max_retry_ms: 10_000,
+            tls: None,
         }
     }
 }

@@ -70,23 +70,25 @@ fn init_tracing() {
         .init();
 }
 
-/// `mqtt://HOST[:PORT]` → (host, port).
-pub fn parse_broker_url(url: &str) -> anyhow::Result<(String, u16)> {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .ok_or_else(|| anyhow::anyhow!("--broker {url:?}: expected mqtt://HOST:PORT"))?;
+/// `mqtt://HOST[:PORT]` or `mqtts://HOST[:PORT]` → (host, port, tls).
+pub fn parse_broker_url(url: &str) -> anyhow::Result<(String, u16, bool)> {
+    let (rest, tls, default_port) = match (url.strip_prefix("mqtt://"), url.strip_prefix("mqtts://")) {
+        (Some(r), _) => (r, false, 1883),
+        (_, Some(r)) => (r, true, 8883),
+        _ => anyhow::bail!("--broker {url:?}: expected mqtt://HOST:PORT or mqtts://HOST:PORT"),
+    };
     let rest = rest.trim_end_matches('/');
     let (host, port) = match rest.rsplit_once(':') {
         Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
             (h, p.parse().map_err(|_| anyhow::anyhow!("--broker {url:?}: bad port"))?)
         }
-        _ => (rest, 1883),
+        _ => (rest, default_port),
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() {
         anyhow::bail!("--broker {url:?}: no host");
     }
-    Ok((host.to_owned(), port))
+    Ok((host.to_owned(), port, tls))
 }
 
 fn serve(cfg: Config, source: Source) -> anyhow::Result<()> {
@@ -151,8 +153,16 @@ fn serve(cfg: Config, source: Source) -> anyhow::Result<()> {
             outbox
         }
         Source::Upstream(url) => {
-            let (host, port) = parse_broker_url(url)?;
+            let (host, port, use_tls) = parse_broker_url(url)?;
             let s = &cfg.sidecar;
+            let tls = match (use_tls, &s.tls) {
+                (false, _) => None,
+                (true, Some(t)) => {
+                    let client = t.cert_file.as_deref().zip(t.key_file.as_deref());
+                    Some(tls::client_config(&t.ca_file, client)?)
+                }
+                (true, None) => anyhow::bail!("--broker {url}: mqtts:// needs [sidecar.tls] ca_file"),
+            };
             let password = match &s.password_file {
                 Some(p) => Some(
                     std::fs::read_to_string(p)
@@ -180,6 +190,7 @@ fn serve(cfg: Config, source: Source) -> anyhow::Result<()> {
                 max_payload_bytes: cfg.mqtt.max_payload_bytes,
                 max_retry_ms: s.max_retry_ms,
                 alive_file: dir.join("sidecar.alive"),
+                tls,
             };
             tracing::info!(broker = %url, client_id = %settings.client_id, topics = ?settings.topics, "sidecar: notarizing an existing broker");
             notary_plugin::sidecar::start(&settings, intake.clone(), inlets.metrics())?
@@ -266,9 +277,10 @@ mod tests {
 
     #[test]
     fn broker_urls() {
-        assert_eq!(parse_broker_url("mqtt://h:1884").expect("ok"), ("h".into(), 1884));
-        assert_eq!(parse_broker_url("mqtt://10.0.0.1").expect("ok"), ("10.0.0.1".into(), 1883));
-        assert_eq!(parse_broker_url("mqtt://[::1]:1885/").expect("ok"), ("::1".into(), 1885));
+        assert_eq!(parse_broker_url("mqtt://h:1884").expect("ok"), ("h".into(), 1884, false));
+        assert_eq!(parse_broker_url("mqtt://10.0.0.1").expect("ok"), ("10.0.0.1".into(), 1883, false));
+        assert_eq!(parse_broker_url("mqtt://[::1]:1885/").expect("ok"), ("::1".into(), 1885, false));
+        assert_eq!(parse_broker_url("mqtts://b.example").expect("ok"), ("b.example".into(), 8883, true));
         assert!(parse_broker_url("tcp://h:1").is_err());
         assert!(parse_broker_url("mqtt://h:port").is_err());
         assert!(parse_broker_url("mqtt://").is_err());

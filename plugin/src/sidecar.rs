@@ -28,7 +28,7 @@ const ACK_EVERY: Duration = Duration::from_millis(20);
 /// messages per client: Mosquitto's `max_inflight_messages` is 20).
 const ACK_BATCH: usize = 16;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SidecarSettings {
     pub host: String,
     pub port: u16,
@@ -49,6 +49,8 @@ pub struct SidecarSettings {
     pub max_payload_bytes: usize,
     /// Longest wait between reconnection attempts.
     pub max_retry_ms: u64,
+    /// Reach the broker over TLS with this client configuration.
+    pub tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
     /// Where the sidecar notes, every second while connected, that it was
     /// receiving; at the next start the time since is recorded as an outage.
     pub alive_file: std::path::PathBuf,
@@ -140,6 +142,11 @@ pub fn start(
         .set_max_packet_size(s.max_payload_bytes + 64 * 1024, s.max_payload_bytes + 64 * 1024);
     if let (Some(u), Some(p)) = (&s.username, &s.password) {
         opts.set_credentials(u, p);
+    }
+    if let Some(tls) = &s.tls {
+        opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
+            tls.clone(),
+        )));
     }
     let (client, mut connection) = Client::new(opts, OUTBOX_CAPACITY);
     let acks = Arc::new(Acks { client: client.clone(), waiting: Mutex::new(Vec::new()) });

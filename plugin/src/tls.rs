@@ -1,5 +1,6 @@
 //! The TLS listener: terminates TLS (rustls) and forwards each connection's
-//! bytes to the broker's plain MQTT listener on this host.
+//! bytes to the broker's plain MQTT listener on this host. Also the client
+//! side, for a sidecar that reaches its broker over TLS.
 //!
 //! rumqttd 0.20 can terminate TLS itself, but it runs each handshake inside
 //! its accept loop with no time limit: one client that opens a connection
@@ -14,7 +15,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::rustls::pki_types::pem::PemObject as _;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio_rustls::TlsAcceptor;
 
 #[derive(Debug, thiserror::Error)]
@@ -29,15 +30,9 @@ pub enum TlsError {
 
 /// Loads the certificate chain and private key (PEM files).
 pub fn acceptor(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, TlsError> {
-    let pem = |p: &Path, why: String| TlsError::Pem { path: p.display().to_string(), why };
-    let certs = CertificateDer::pem_file_iter(cert_file)
-        .map_err(|e| pem(cert_file, e.to_string()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem(cert_file, e.to_string()))?;
-    if certs.is_empty() {
-        return Err(pem(cert_file, "no certificate in the file".into()));
-    }
-    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| pem(key_file, e.to_string()))?;
+    let certs = read_certs(cert_file)?;
+    let key = PrivateKeyDer::from_pem_file(key_file)
+        .map_err(|e| TlsError::Pem { path: key_file.display().to_string(), why: e.to_string() })?;
     let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
     let config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -46,6 +41,45 @@ pub fn acceptor(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, TlsErr
         .with_single_cert(certs, key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = |why: String| TlsError::Pem { path: path.display().to_string(), why };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| pem(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(pem("no certificate in the file".into()));
+    }
+    Ok(certs)
+}
+
+/// A TLS client configuration that trusts the CA certificates in `ca_file`
+/// (PEM) and, with `client`, presents that certificate chain and key.
+pub fn client_config(ca_file: &Path, client: Option<(&Path, &Path)>) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in read_certs(ca_file)? {
+        roots
+            .add(cert)
+            .map_err(|e| TlsError::Pem { path: ca_file.display().to_string(), why: e.to_string() })?;
+    }
+    let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(roots);
+    let config = match client {
+        None => builder.with_no_client_auth(),
+        Some((cert_file, key_file)) => {
+            let key = PrivateKeyDer::from_pem_file(key_file)
+                .map_err(|e| TlsError::Pem { path: key_file.display().to_string(), why: e.to_string() })?;
+            builder
+                .with_client_auth_cert(read_certs(cert_file)?, key)
+                .map_err(|e| TlsError::Config(e.to_string()))?
+        }
+    };
+    Ok(Arc::new(config))
 }
 
 /// Where to reach a listener bound to `addr` from this host.

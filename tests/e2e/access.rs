@@ -59,27 +59,7 @@ fn logins_come_from_a_mosquitto_password_file() {
 #[test]
 fn the_tls_listener_serves_mosquitto_clients_and_a_silent_client_blocks_no_one() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let (cert, key) = (tmp.path().join("cert.pem"), tmp.path().join("key.pem"));
-    let made = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "2",
-        ])
-        .args(["-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl is installed");
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let (ca, cert, key) = test_certs(tmp.path());
     let tls_port = free_port();
     let config = fast_config(
         tmp.path(),
@@ -94,7 +74,7 @@ fn the_tls_listener_serves_mosquitto_clients_and_a_silent_client_blocks_no_one()
 
     // A client that connects and never says a word.
     let mut silent = TcpStream::connect(("127.0.0.1", tls_port)).expect("connect");
-    let cafile = cert.to_str().expect("utf-8");
+    let cafile = ca.to_str().expect("utf-8");
     let tls = |payload: &[u8]| {
         let file = tmp.path().join("payload");
         std::fs::write(&file, payload).expect("write");

@@ -66,6 +66,7 @@ fn the_compose_stack_is_valid_and_its_command_lines_work_outside_containers() {
     let notary = Notary::sidecar_with(
         tmp.path().join("data"),
         config,
+        &format!("mqtt://127.0.0.1:{}", mosquitto.port),
         mosquitto.port,
         vec![("NOTARY_EVM_PRIVATE_KEY".into(), key)],
     );

@@ -250,3 +250,33 @@ fn a_mosquitto_bridge_forwards_to_an_embedded_notary() {
     publish_lines(mosquitto.port, "factory/bridged", 1, &lines);
     assert_eq!(verify_all(&notary, &lines, "factory/bridged"), lines.len(), "each message notarized once");
 }
+
+#[test]
+fn the_sidecar_reaches_its_broker_over_tls() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (ca, cert, key) = test_certs(tmp.path());
+    // Mosquitto started as root drops to its own user before reading the key.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let mosquitto = Mosquitto::start_with(&format!(
+        "allow_anonymous true\ncertfile {}\nkeyfile {}\n",
+        cert.display(),
+        key.display()
+    ));
+    let config = tmp.path().join("tls.toml");
+    std::fs::write(
+        &config,
+        format!("[log]\nmax_batch_age_ms = 100\n[sidecar.tls]\nca_file = {:?}\n", ca.display().to_string()),
+    )
+    .expect("config");
+    let url = format!("mqtts://127.0.0.1:{}", mosquitto.port);
+    let sidecar = Notary::sidecar_with(tmp.path().join("data"), config, &url, mosquitto.port, Vec::new());
+    let cafile = ca.display().to_string();
+    let out = publish(mosquitto.port, "t/tls", b"over TLS both ways", &["--cafile", &cafile]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    sidecar.wait_proof(b"over TLS both ways");
+}

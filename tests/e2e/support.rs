@@ -85,13 +85,16 @@ impl Notary {
     pub fn sidecar(dir: &Path, name: &str, broker_port: u16, extra_config: &str) -> Notary {
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(&config, format!("[log]\nmax_batch_age_ms = 100\n{extra_config}")).expect("config");
-        Self::sidecar_with(dir.join(name), config, broker_port, Vec::new())
+        let url = format!("mqtt://127.0.0.1:{broker_port}");
+        Self::sidecar_with(dir.join(name), config, &url, broker_port, Vec::new())
     }
 
-    /// A sidecar with a given config file and environment.
+    /// A sidecar of the broker at `url` (port `broker_port`) with a given
+    /// config file and environment.
     pub fn sidecar_with(
         data_dir: PathBuf,
         config: PathBuf,
+        url: &str,
         broker_port: u16,
         env: Vec<(String, String)>,
     ) -> Notary {
@@ -100,7 +103,7 @@ impl Notary {
             mqtt: broker_port,
             http: free_port(),
             config: Some(config),
-            upstream: Some(format!("mqtt://127.0.0.1:{broker_port}")),
+            upstream: Some(url.to_owned()),
             env,
             child: None,
         };
@@ -733,4 +736,50 @@ pub fn mosquitto_password_file(dir: &Path, user: &str, password: &str) -> PathBu
         .expect("mosquitto_passwd is installed");
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
     path
+}
+
+/// A test CA and a server certificate it signed for localhost and
+/// 127.0.0.1, made by openssl: (CA certificate, server certificate, server
+/// key), PEM files. (rustls refuses a self-signed CA certificate used as a
+/// server's own.)
+pub fn test_certs(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let p = |name: &str| dir.join(name);
+    let run = |args: &[&str]| {
+        let made =
+            Command::new("openssl").current_dir(dir).args(args).output().expect("openssl is installed");
+        assert!(made.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&made.stderr));
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &["-days", "2", "-subj", "/CN=test-ca", "-keyout", "ca.key", "-out", "ca.pem"],
+    ]
+    .concat());
+    run(&[&["req"][..], &ec, &["-subj", "/CN=localhost", "-keyout", "key.pem", "-out", "server.csr"]]
+        .concat());
+    std::fs::write(
+        p("server.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+         keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("write extensions");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+        "-out",
+        "cert.pem",
+    ]);
+    (p("ca.pem"), p("cert.pem"), p("key.pem"))
 }
