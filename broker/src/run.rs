@@ -91,6 +91,37 @@ pub fn parse_broker_url(url: &str) -> anyhow::Result<(String, u16, bool)> {
     Ok((host.to_owned(), port, tls))
 }
 
+/// The embedded broker's settings from the `[mqtt]` table.
+fn embedded_settings(cfg: &Config) -> anyhow::Result<EmbeddedSettings> {
+    Ok(EmbeddedSettings {
+        listen: cfg.mqtt.listen,
+        max_connections: cfg.mqtt.max_connections,
+        max_payload_bytes: cfg.mqtt.max_payload_bytes,
+        connection_timeout_ms: cfg.mqtt.connection_timeout_ms,
+        max_inflight: cfg.mqtt.max_inflight,
+        segment_bytes: cfg.mqtt.backlog_segment_bytes,
+        segment_count: cfg.mqtt.backlog_segment_count,
+        passwords: match &cfg.mqtt.password_file {
+            Some(path) => {
+                let file = PasswordFile::load(path)?;
+                tracing::info!(file = %path.display(), users = file.len(), "MQTT clients must log in");
+                Some(Arc::new(file))
+            }
+            None => None,
+        },
+    })
+}
+
+/// Plain rumqttd on `listen` with the default `[mqtt]` settings and no
+/// notary link: the benchmark's baseline, the same broker our pipeline
+/// embeds. Runs until the process ends.
+pub fn plain_rumqttd(listen: std::net::SocketAddr) -> anyhow::Result<()> {
+    let mut cfg = Config::default();
+    cfg.mqtt.listen = listen;
+    embedded::run_plain(&embedded_settings(&cfg)?)?;
+    Ok(())
+}
+
 fn serve(cfg: Config, source: Source) -> anyhow::Result<()> {
     let dir = &cfg.data_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("creating data directory {}", dir.display()))?;
@@ -108,23 +139,7 @@ fn serve(cfg: Config, source: Source) -> anyhow::Result<()> {
     }
 
     let (intake, inlets) = notary_plugin::inlets(cfg.ingest.queue_capacity);
-    let settings = EmbeddedSettings {
-        listen: cfg.mqtt.listen,
-        max_connections: cfg.mqtt.max_connections,
-        max_payload_bytes: cfg.mqtt.max_payload_bytes,
-        connection_timeout_ms: cfg.mqtt.connection_timeout_ms,
-        max_inflight: cfg.mqtt.max_inflight,
-        segment_bytes: cfg.mqtt.backlog_segment_bytes,
-        segment_count: cfg.mqtt.backlog_segment_count,
-        passwords: match &cfg.mqtt.password_file {
-            Some(path) => {
-                let file = PasswordFile::load(path)?;
-                tracing::info!(file = %path.display(), users = file.len(), "MQTT clients must log in");
-                Some(Arc::new(file))
-            }
-            None => None,
-        },
-    };
+    let settings = embedded_settings(&cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

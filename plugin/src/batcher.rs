@@ -1,6 +1,8 @@
 //! When to seal a batch: a plain state machine that is handed `now`, so it
 //! is tested without clocks or sleeps. The sealer task drives it.
 
+use std::collections::VecDeque;
+
 /// Sealing policy: whichever of size and age is reached first.
 #[derive(Debug, Clone, Copy)]
 pub struct BatchPolicy {
@@ -13,21 +15,23 @@ pub struct Batcher {
     policy: BatchPolicy,
     /// Leaves waiting in the open batch.
     pending: u64,
-    /// When the open batch received its first leaf.
-    opened_at_ms: Option<u64>,
+    /// When the pending leaves arrived, oldest first: (count, at_ms). Leaves
+    /// left over after a seal by size keep their own arrival time, so no
+    /// leaf waits longer than the maximum age.
+    arrivals: VecDeque<(u64, u64)>,
 }
 
 impl Batcher {
     pub fn new(policy: BatchPolicy) -> Self {
-        Batcher { policy, pending: 0, opened_at_ms: None }
+        Batcher { policy, pending: 0, arrivals: VecDeque::new() }
     }
 
     /// Records `n` new leaves at `now_ms`.
     pub fn add(&mut self, n: u64, now_ms: u64) {
-        if n > 0 && self.pending == 0 {
-            self.opened_at_ms = Some(now_ms);
+        if n > 0 {
+            self.pending += n;
+            self.arrivals.push_back((n, now_ms));
         }
-        self.pending += n;
     }
 
     /// How many leaves to seal now (0: none). Never more than the max size.
@@ -35,8 +39,8 @@ impl Batcher {
         if self.pending >= self.policy.max_batch_size {
             return self.policy.max_batch_size;
         }
-        match self.opened_at_ms {
-            Some(t) if now_ms >= t.saturating_add(self.policy.max_batch_age_ms) => self.pending,
+        match self.deadline_ms() {
+            Some(d) if now_ms >= d => self.pending,
             _ => 0,
         }
     }
@@ -46,15 +50,25 @@ impl Batcher {
         self.pending.min(self.policy.max_batch_size)
     }
 
-    /// Records that `n` leaves were sealed at `now_ms`; leftovers open a new batch.
-    pub fn sealed(&mut self, n: u64, now_ms: u64) {
-        self.pending -= n.min(self.pending);
-        self.opened_at_ms = (self.pending > 0).then_some(now_ms);
+    /// Records that the `n` oldest leaves were sealed.
+    pub fn sealed(&mut self, n: u64) {
+        let mut left = n.min(self.pending);
+        self.pending -= left;
+        while left > 0 {
+            let Some(front) = self.arrivals.front_mut() else { break };
+            let take = front.0.min(left);
+            front.0 -= take;
+            left -= take;
+            if front.0 == 0 {
+                self.arrivals.pop_front();
+            }
+        }
     }
 
-    /// When the open batch must be sealed by age, if one is open.
+    /// When the open batch must be sealed by age: the oldest pending
+    /// leaf's arrival plus the maximum age.
     pub fn deadline_ms(&self) -> Option<u64> {
-        self.opened_at_ms.map(|t| t.saturating_add(self.policy.max_batch_age_ms))
+        self.arrivals.front().map(|(_, t)| t.saturating_add(self.policy.max_batch_age_ms))
     }
 }
 
@@ -74,7 +88,7 @@ mod tests {
         assert_eq!(b.due(1099), 0);
         assert_eq!(b.deadline_ms(), Some(1100));
         assert_eq!(b.due(1100), 3);
-        b.sealed(3, 1100);
+        b.sealed(3);
         assert_eq!(b.deadline_ms(), None);
     }
 
@@ -83,11 +97,30 @@ mod tests {
         let mut b = batcher();
         b.add(25, 0);
         assert_eq!(b.due(0), 10);
-        b.sealed(10, 5);
+        b.sealed(10);
         assert_eq!(b.due(5), 10);
-        b.sealed(10, 6);
+        b.sealed(10);
         assert_eq!(b.due(6), 0);
-        assert_eq!(b.deadline_ms(), Some(106));
+        // The 5 left over arrived at 0: they are due at 0 + 100, not 100
+        // after the last seal.
+        assert_eq!(b.deadline_ms(), Some(100));
         assert_eq!(b.flush(), 5);
+    }
+
+    #[test]
+    fn no_leaf_waits_longer_than_the_max_age() {
+        let mut b = batcher();
+        b.add(8, 0);
+        b.add(4, 50);
+        b.add(1, 60);
+        assert_eq!(b.due(60), 10);
+        b.sealed(10);
+        // Left: 2 leaves from 50 and 1 from 60. They are due at 50 + 100,
+        // not 100 after the seal at 60.
+        assert_eq!(b.deadline_ms(), Some(150));
+        assert_eq!(b.due(149), 0);
+        assert_eq!(b.due(150), 3);
+        b.sealed(3);
+        assert_eq!((b.deadline_ms(), b.due(1000), b.flush()), (None, 0, 0));
     }
 }

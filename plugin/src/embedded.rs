@@ -127,6 +127,15 @@ pub fn start(settings: &EmbeddedSettings, sink: Arc<dyn Sink>) -> Result<Arc<dyn
     Ok(Arc::new(LinkOutbox { tx: out_tx }))
 }
 
+/// Runs rumqttd with the same listener and router settings as [`start`]
+/// but without the notary link: plain rumqttd, the benchmark's baseline.
+/// Returns only when the broker stops.
+pub fn run_plain(settings: &EmbeddedSettings) -> Result<(), EmbeddedError> {
+    std::net::TcpListener::bind(settings.listen)
+        .map_err(|source| EmbeddedError::Bind { addr: settings.listen, source })?;
+    Broker::new(rumqttd_config(settings)).start().map_err(|e| EmbeddedError::Broker(e.to_string()))
+}
+
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), EmbeddedError> {
     std::thread::Builder::new()
         .name(name.into())

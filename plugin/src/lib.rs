@@ -39,7 +39,7 @@ use notary_proof::NoteSigner;
 use proofs::ProofService;
 use source::Outbox;
 use std::path::PathBuf;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use store::{Store, StoreError};
@@ -94,6 +94,9 @@ pub struct Pipeline {
     /// Dropped at shutdown to stop the EVM anchorer.
     evm_stop: Option<SyncSender<()>>,
     evm_thread: Option<JoinHandle<()>>,
+    /// Dropped at shutdown, after the writers, to stop the WAL checkpointer.
+    wal_stop: Option<SyncSender<()>>,
+    wal_thread: Option<JoinHandle<()>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,10 +117,12 @@ impl Pipeline {
         anchors: Vec<Arc<dyn Anchor>>,
     ) -> Result<Self, StartError> {
         let Inlets { ingest_rx, proof_rx, metrics } = inlets;
-        let ingest_store = Store::open(&cfg.data_dir)?;
+        let writer = store::WriteLock::default();
+        let ingest_store =
+            Store::open_pipeline(&cfg.data_dir, Some(store::INGEST_CACHE_KIB), writer.clone())?;
         let next_seq = ingest_store.next_seq()?;
         let sealer = sealer::Sealer {
-            store: Store::open(&cfg.data_dir)?,
+            store: Store::open_pipeline(&cfg.data_dir, None, writer.clone())?,
             signer,
             anchors,
             outbox: outbox.clone(),
@@ -125,7 +130,7 @@ impl Pipeline {
             metrics: metrics.clone(),
         };
         let recovered = sealer.recover()?;
-        let proofs = Arc::new(ProofService::open(&cfg.data_dir, cfg.evm.is_some())?);
+        let proofs = Arc::new(ProofService::open(&cfg.data_dir, cfg.evm.is_some(), writer.clone())?);
         let (seal_tx, seal_rx): (SyncSender<_>, _) = sync_channel(64);
 
         let mut threads = Vec::new();
@@ -154,7 +159,7 @@ impl Pipeline {
         let (evm_stop, evm_thread) = match &cfg.evm {
             Some(evm) => {
                 let anchorer = evm_anchor::EvmAnchorer {
-                    store: Store::open(&cfg.data_dir)?,
+                    store: Store::open_pipeline(&cfg.data_dir, None, writer.clone())?,
                     cfg: evm.clone(),
                     metrics: metrics.clone(),
                 };
@@ -163,7 +168,19 @@ impl Pipeline {
             }
             None => (None, None),
         };
-        Ok(Pipeline { proofs, metrics, intake, threads, evm_stop, evm_thread })
+        let wal_store = Store::open_pipeline(&cfg.data_dir, None, writer)?;
+        let (wal_stop, wal_rx) = sync_channel(1);
+        let wal_thread = spawn("notary-wal", Box::new(move || checkpoints(wal_store, wal_rx)))?;
+        Ok(Pipeline {
+            proofs,
+            metrics,
+            intake,
+            threads,
+            evm_stop,
+            evm_thread,
+            wal_stop: Some(wal_stop),
+            wal_thread: Some(wal_thread),
+        })
     }
 
     /// Stops taking messages, persists what was taken, seals and anchors the
@@ -178,6 +195,30 @@ impl Pipeline {
         drop(self.evm_stop);
         if let Some(t) = self.evm_thread {
             let _ = t.join();
+        }
+        drop(self.wal_stop);
+        if let Some(t) = self.wal_thread {
+            let _ = t.join();
+        }
+    }
+}
+
+/// How often the checkpointer copies the WAL into the database file.
+const WAL_CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+/// WAL frames (pages of 4 KiB) after which the WAL is emptied.
+const WAL_RESTART_FRAMES: i64 = 8192;
+
+/// Runs passive WAL checkpoints until `stop` closes, then a last one.
+/// Pipeline connections never checkpoint on commit; this thread does it
+/// beside them, so ingest commits only append to the WAL.
+fn checkpoints(store: Store, stop: Receiver<()>) {
+    loop {
+        let closed = !matches!(stop.recv_timeout(WAL_CHECKPOINT_EVERY), Err(RecvTimeoutError::Timeout));
+        if let Err(e) = store.checkpoint_wal(WAL_RESTART_FRAMES) {
+            tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
+        }
+        if closed {
+            return;
         }
     }
 }

@@ -41,8 +41,10 @@ pub enum ProofError {
 }
 
 impl ProofService {
-    pub fn open(data_dir: &Path, evm: bool) -> Result<Self, StoreError> {
-        Ok(ProofService { store: Mutex::new(Store::open(data_dir)?), evm })
+    /// The proof service of a running pipeline (`writer`: its write lock).
+    pub fn open(data_dir: &Path, evm: bool, writer: crate::store::WriteLock) -> Result<Self, StoreError> {
+        let store = Store::open_pipeline(data_dir, Some(crate::store::PROOFS_CACHE_KIB), writer)?;
+        Ok(ProofService { store: Mutex::new(store), evm })
     }
 
     fn store(&self) -> Result<std::sync::MutexGuard<'_, Store>, ProofError> {

@@ -112,7 +112,7 @@ impl Sealer {
             }
             match self.seal(st, n as usize, now) {
                 Ok(()) => {
-                    st.batcher.sealed(n, now);
+                    st.batcher.sealed(n);
                     self.anchor_pending(st);
                 }
                 Err(e) => {

@@ -130,6 +130,18 @@ pub enum StoreError {
 
 pub struct Store {
     conn: Connection,
+    /// Shared by the pipeline's connections: SQLite has one writer at a
+    /// time, and a connection that finds the database locked retries after
+    /// sleeps of up to 100 ms, so a steady writer (ingest) would starve
+    /// the others (the sealer). Taking this lock first queues them fairly.
+    writer: Option<WriteLock>,
+}
+
+/// The in-process lock around the pipeline's write transactions.
+pub type WriteLock = std::sync::Arc<std::sync::Mutex<()>>;
+
+fn write_lock(lock: &Option<WriteLock>) -> Option<std::sync::MutexGuard<'_, ()>> {
+    lock.as_ref().map(|l| l.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
 }
 
 /// A leaf as persisted: sequence number, BLAKE3 payload digest, record bytes.
@@ -233,6 +245,13 @@ fn hash32(v: Vec<u8>) -> Result<Hash, StoreError> {
     v.try_into().map_err(|_| StoreError::Corrupt("hash is not 32 bytes".into()))
 }
 
+/// Page cache of the ingest connection (KiB). The digest index takes
+/// inserts at random places; with SQLite's default 2 MiB cache nearly every
+/// insert evicts a page and reads another back (measured in bench/RESULTS.md).
+pub const INGEST_CACHE_KIB: i64 = 64 * 1024;
+/// Page cache of the proof service's connection (KiB).
+pub const PROOFS_CACHE_KIB: i64 = 16 * 1024;
+
 impl Store {
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         let conn = Connection::open(data_dir.join(STORE_FILE))?;
@@ -240,7 +259,41 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Store { conn })
+        Ok(Store { conn, writer: None })
+    }
+
+    /// A connection of the running pipeline: `cache_kib` of page cache, and
+    /// no automatic WAL checkpoints on commit. The pipeline's own
+    /// checkpointer thread ([`Store::checkpoint_wal`]) copies the WAL into
+    /// the database, so no ingest commit waits for it.
+    pub fn open_pipeline(
+        data_dir: &Path,
+        cache_kib: Option<i64>,
+        writer: WriteLock,
+    ) -> Result<Self, StoreError> {
+        let mut store = Self::open(data_dir)?;
+        store.writer = Some(writer);
+        if let Some(kib) = cache_kib {
+            store.conn.pragma_update(None, "cache_size", -kib)?;
+        }
+        store.conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        Ok(store)
+    }
+
+    /// Copies committed WAL frames into the database file. A passive
+    /// checkpoint never waits for, nor blocks, the writer and readers; but
+    /// under a steady stream of commits it never copies the last frames,
+    /// so the WAL would grow without end. Once it holds more than
+    /// `restart_frames`, a truncating checkpoint follows: it holds the
+    /// writer back only for the few frames the passive one left, then
+    /// empties the WAL. Returns the frames the WAL held.
+    pub fn checkpoint_wal(&self, restart_frames: i64) -> Result<i64, StoreError> {
+        let frames: i64 = self.conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))?;
+        if frames > restart_frames {
+            let _w = write_lock(&self.writer);
+            self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get::<_, i64>(0))?;
+        }
+        Ok(frames)
     }
 
     /// The next unused sequence number.
@@ -261,6 +314,7 @@ impl Store {
     /// counters, rejections and refused commands. A crash leaves either all
     /// of it or none, so counters never run ahead of the leaves they guard.
     pub fn commit(&mut self, c: &Commit) -> Result<(), StoreError> {
+        let _w = write_lock(&self.writer);
         let tx = self.conn.transaction()?;
         insert_leaves(&tx, &c.leaves)?;
         for r in &c.registry {
@@ -500,6 +554,7 @@ impl Store {
         nodes: &[(u32, u64, Hash)],
         checkpoint_note: &str,
     ) -> Result<(), StoreError> {
+        let _w = write_lock(&self.writer);
         let tx = self.conn.transaction()?;
         tx.execute(
             "INSERT INTO batches (number, first_seq, size, record) VALUES (?1, ?2, ?3, ?4)",
@@ -530,6 +585,7 @@ impl Store {
 
     pub fn put_receipt(&self, size: u64, ledger: &str, receipt: &Receipt) -> Result<(), StoreError> {
         let json = serde_json::to_string(receipt).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let _w = write_lock(&self.writer);
         self.conn.execute(
             "INSERT OR REPLACE INTO receipts (size, ledger, receipt) VALUES (?1, ?2, ?3)",
             params![size, ledger, json],

@@ -1,0 +1,274 @@
+//! The results: targets checked, a Markdown report with every figure as a
+//! ratio to plain Mosquitto and plain rumqttd, the raw JSON, and the plot.
+
+use crate::runner::{Results, Run};
+use crate::systems::Kind;
+use std::fmt::Write as _;
+use std::path::Path;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Target {
+    pub name: String,
+    pub measured: String,
+    pub met: bool,
+}
+
+fn target(name: impl Into<String>, measured: impl Into<String>, met: bool) -> Target {
+    Target { name: name.into(), measured: measured.into(), met }
+}
+
+fn find(runs: &[Run], kind: Kind, qos: u8) -> Option<&Run> {
+    runs.iter().find(|r| r.system == kind && r.qos == qos)
+}
+
+pub fn targets(r: &Results, max_batch_age_ms: u64) -> Vec<Target> {
+    let mut t = Vec::new();
+    let mosquitto0 = find(&r.runs, Kind::Mosquitto, 0).map_or(0.0, |m| m.delivered_per_s);
+    let notary0 = find(&r.runs, Kind::Notary, 0).and_then(|n| n.notarized_per_s).unwrap_or(0.0);
+    let ratio = notary0 / mosquitto0.max(1e-9);
+    t.push(target(
+        "unsigned notarized msg/s >= 1.5 x Mosquitto delivered QoS 0 msg/s",
+        format!("{notary0:.0} / {mosquitto0:.0} = {ratio:.2} x"),
+        ratio >= 1.5,
+    ));
+    let signed =
+        r.signed.iter().find(|s| s.invalid_per_mille == 0).and_then(|s| s.notarized_per_s).unwrap_or(0.0);
+    let ratio = signed / r.ceiling.all_threads.max(1e-9);
+    t.push(target(
+        "signed notarized msg/s >= 0.8 x ed25519 batch-verification ceiling",
+        format!("{signed:.0} / {:.0} = {ratio:.2} x", r.ceiling.all_threads),
+        ratio >= 0.8,
+    ));
+    for l in &r.latency {
+        for (api, lat) in [("HTTP", &l.http), ("MQTT", &l.mqtt)] {
+            t.push(target(
+                format!("{}: proof request p99 over {api} <= 1 ms", l.system.label()),
+                format!("{:.2} ms ({} requests, {} failed)", lat.p99_ms, lat.count, lat.failed),
+                lat.p99_ms <= 1.0 && lat.failed == 0 && lat.count > 0,
+            ));
+        }
+        let bound = max_batch_age_ms as f64 + 50.0;
+        let p = &l.publish_to_proof;
+        t.push(target(
+            format!("{}: publish -> proof available p99 <= {bound:.0} ms", l.system.label()),
+            format!("{:.1} ms ({} samples, {} never proven)", p.p99_ms, p.count, p.failed),
+            p.p99_ms <= bound && p.failed == 0 && p.count > 0,
+        ));
+    }
+    if let (Some(first), Some(last)) = (r.store.first(), r.store.last()) {
+        let growth = last.rss_mib / first.rss_mib.max(1e-9) - 1.0;
+        t.push(target(
+            format!("RSS growth <= 10 % from {} to {} stored messages", first.stored, last.stored),
+            format!("{:.0} -> {:.0} MiB = {:+.1} %", first.rss_mib, last.rss_mib, growth * 100.0),
+            growth <= 0.10,
+        ));
+    }
+    let clean = r.signed.iter().find(|s| s.invalid_per_mille == 0).and_then(|s| s.notarized_per_s);
+    let spoiled = r.signed.iter().find(|s| s.invalid_per_mille > 0).and_then(|s| s.notarized_per_s);
+    if let (Some(clean), Some(spoiled)) = (clean, spoiled) {
+        let ratio = spoiled / clean.max(1e-9);
+        t.push(target(
+            "signed msg/s with 0.1 % bad signatures >= 0.8 x with none",
+            format!("{spoiled:.0} / {clean:.0} = {ratio:.2} x"),
+            ratio >= 0.8,
+        ));
+    }
+    let qos1: Vec<&Run> = r.runs.iter().chain(&r.signed).filter(|x| x.qos == 1).collect();
+    let lost: u64 = qos1.iter().map(|x| x.lost + x.unnotarized.unwrap_or(0)).sum();
+    t.push(target(
+        "zero QoS 1 loss (delivered, and notarized or rejected with a reason)",
+        format!("{lost} lost in {} QoS 1 runs", qos1.len()),
+        lost == 0 && !qos1.is_empty(),
+    ));
+    t
+}
+
+/// "delivery / notary" losses, or the delivery loss alone.
+fn lost(r: &Run) -> String {
+    match r.unnotarized {
+        Some(u) => format!("{} / {u}", r.lost),
+        None => r.lost.to_string(),
+    }
+}
+
+fn ratio(v: f64, base: f64) -> String {
+    if base > 0.0 && v > 0.0 {
+        format!("{:.2}", v / base)
+    } else {
+        "-".into()
+    }
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.digits$}"))
+}
+
+pub fn markdown(r: &Results) -> String {
+    let mut s = String::new();
+    let m = &r.machine;
+    let _ = writeln!(s, "# mqtt-notary benchmark\n");
+    let _ = writeln!(
+        s,
+        "{} run of {}, {:.0} s in all.\n\n- machine: {} ({} cores, {} GiB), Linux {}\n- {}; rumqttd {}, rumqttc {} (load generator)\n- mqtt-notary {} at {}, {} build\n",
+        if r.plan.quick { "Quick" } else { "Full" },
+        m.date,
+        r.seconds,
+        m.cpu,
+        m.cores,
+        m.memory_gib,
+        m.kernel,
+        m.mosquitto,
+        m.rumqttd,
+        m.rumqttc,
+        m.mqtt_notary,
+        m.commit,
+        if m.release_build { "release" } else { "debug (figures not comparable)" }
+    );
+
+    let _ = writeln!(s, "## Targets\n\n| target | measured | met |\n|---|---|---|");
+    for t in &r.targets {
+        let _ = writeln!(s, "| {} | {} | {} |", t.name, t.measured, if t.met { "yes" } else { "**no**" });
+    }
+
+    let _ = writeln!(
+        s,
+        "\n## Throughput\n\n{} publishers, {} B payloads, closed loop (as fast as each broker takes them), one rumqttc subscriber on `bench/#`, and `mosquitto_sub` on `bench/0` (one publisher's stream) as a third-party cross-check. Notarized: persisted into the log (or rejected with a reason), counted by the notary's metrics.\n",
+        r.plan.publishers, r.plan.payload
+    );
+    let _ = writeln!(
+        s,
+        "| system | QoS | messages | delivered msg/s | notarized msg/s | CPU s / 1k msg | peak RSS MiB | disk B / msg | lost: delivery / notary | bench/0: sent / ours / mosquitto_sub |\n|---|---|---|---|---|---|---|---|---|---|"
+    );
+    for x in &r.runs {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {:.0} | {} | {:.3} | {:.1} | {} | {} | {} / {} / {} |",
+            x.system.label(),
+            x.qos,
+            x.messages,
+            x.delivered_per_s,
+            opt(x.notarized_per_s, 0),
+            x.cpu_s_per_1k,
+            x.peak_rss_mib,
+            opt(x.disk_bytes_per_msg, 0),
+            lost(x),
+            x.crosscheck.published,
+            x.crosscheck.ours,
+            x.crosscheck.mosquitto_sub
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nThe same figures as ratios: to plain Mosquitto / to plain rumqttd at the same QoS (throughput: higher is better, notarized compared with their delivered; CPU and RSS: lower is better).\n\n| system | QoS | delivered | notarized | CPU / 1k msg | peak RSS |\n|---|---|---|---|---|---|"
+    );
+    for x in &r.runs {
+        let (Some(mo), Some(ru)) =
+            (find(&r.runs, Kind::Mosquitto, x.qos), find(&r.runs, Kind::Rumqttd, x.qos))
+        else {
+            continue;
+        };
+        let both = |v: f64, a: f64, b: f64| format!("{} / {}", ratio(v, a), ratio(v, b));
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} |",
+            x.system.label(),
+            x.qos,
+            both(x.delivered_per_s, mo.delivered_per_s, ru.delivered_per_s),
+            x.notarized_per_s.map_or("-".into(), |n| both(n, mo.delivered_per_s, ru.delivered_per_s)),
+            both(x.cpu_s_per_1k, mo.cpu_s_per_1k, ru.cpu_s_per_1k),
+            both(x.peak_rss_mib, mo.peak_rss_mib, ru.peak_rss_mib),
+        );
+    }
+
+    let _ = writeln!(
+        s,
+        "\n## Signed envelopes\n\nCOSE_Sign1 envelopes ({} B inside, one device per publisher), QoS 0. The ceiling is ed25519 batch verification alone on this machine, measured by `bench ceiling` with the pipeline's own verification function: {:.0} signatures/s on {} threads ({:.0} on one).\n\n| bad signatures | messages | processed msg/s | x ceiling | notarized | rejected | lost: delivery / notary |\n|---|---|---|---|---|---|---|",
+        r.plan.payload, r.ceiling.all_threads, r.ceiling.threads, r.ceiling.one_thread
+    );
+    for x in &r.signed {
+        let _ = writeln!(
+            s,
+            "| {:.1} % | {} | {} | {} | {} | {} | {} |",
+            x.invalid_per_mille as f64 / 10.0,
+            x.messages,
+            opt(x.notarized_per_s, 0),
+            x.notarized_per_s.map_or("-".into(), |v| ratio(v, r.ceiling.all_threads)),
+            x.notarized.unwrap_or(0),
+            x.rejected.unwrap_or(0),
+            lost(x)
+        );
+    }
+
+    let _ = writeln!(
+        s,
+        "\n## Latency at half capacity\n\nQoS 1 publishing at half the system's notarized QoS 1 rate. Publish -> proof: from the publish call to the first HTTP 200 for that message's proof (asked after each checkpoint the notary publishes). Proof requests: {:.0}/s over HTTP (one keep-alive connection) and {:.0}/s over MQTT, timed from when each was due. Batches are sealed at 10,000 messages or {} ms.\n\n| system | ingest msg/s | publish -> proof p50 / p99 ms | HTTP p50 / p99 ms | MQTT p50 / p99 ms | failed |\n|---|---|---|---|---|---|",
+        r.plan.request_rate,
+        r.plan.request_rate,
+        r.latency.first().map_or(0, |l| l.max_batch_age_ms)
+    );
+    for l in &r.latency {
+        let _ = writeln!(
+            s,
+            "| {} | {:.0} | {:.1} / {:.1} | {:.2} / {:.2} | {:.2} / {:.2} | {} / {} / {} |",
+            l.system.label(),
+            l.ingest_per_s,
+            l.publish_to_proof.p50_ms,
+            l.publish_to_proof.p99_ms,
+            l.http.p50_ms,
+            l.http.p99_ms,
+            l.mqtt.p50_ms,
+            l.mqtt.p99_ms,
+            l.publish_to_proof.failed,
+            l.http.failed,
+            l.mqtt.failed
+        );
+    }
+
+    if !r.scaling.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n## Scaling\n\nQoS 0, closed loop. Throughput against the number of publishing connections ({} B), and against payload size ({} publishers).\n\n| system | publishers | payload B | messages | delivered msg/s | notarized msg/s | CPU s / 1k msg | peak RSS MiB | lost: delivery / notary |\n|---|---|---|---|---|---|---|---|---|",
+            r.plan.payload, r.plan.publishers
+        );
+        for x in &r.scaling {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {:.0} | {} | {:.3} | {:.1} | {} |",
+                x.system.label(),
+                x.publishers,
+                x.payload,
+                x.messages,
+                x.delivered_per_s,
+                opt(x.notarized_per_s, 0),
+                x.cpu_s_per_1k,
+                x.peak_rss_mib,
+                lost(x)
+            );
+        }
+    }
+    if !r.store.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n## As the store grows\n\nOne notary filled in chunks (QoS 1, {} publishers); at each size: resident memory, bytes on disk per message, and {} proof requests over HTTP (200/s, ingest idle) for messages spread over the whole store.\n\n| stored | RSS MiB | disk B / msg | proof p50 / p99 ms |\n|---|---|---|---|",
+            r.plan.publishers, r.plan.store_requests
+        );
+        for p in &r.store {
+            let _ = writeln!(
+                s,
+                "| {} | {:.0} | {:.0} | {:.2} / {:.2} |",
+                p.stored, p.rss_mib, p.disk_bytes_per_msg, p.proof_http.p50_ms, p.proof_http.p99_ms
+            );
+        }
+    }
+    s
+}
+
+pub fn write(r: &Results, out: &Path) -> anyhow::Result<()> {
+    let md = markdown(r);
+    std::fs::write(out.join("results.json"), serde_json::to_string_pretty(r)?)?;
+    std::fs::write(out.join("results.md"), &md)?;
+    crate::plot::draw(r, &out.join("results.svg"))?;
+    println!("{md}");
+    eprintln!("bench: wrote results.json, results.md and results.svg to {}", out.display());
+    Ok(())
+}
