@@ -7,7 +7,7 @@
 use notary_proof::envelope::{self, Envelope, EnvelopeFields};
 use std::time::{Duration, Instant};
 
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct Ceiling {
     /// Signatures per second on one thread.
     pub one_thread: f64,

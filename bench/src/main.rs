@@ -54,6 +54,8 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Write results.md and results.svg again from DIR/results.json.
+    Report { dir: PathBuf },
     /// The ed25519 batch-verification ceiling of this machine alone.
     Ceiling {
         #[arg(long, default_value_t = 3.0)]
@@ -80,6 +82,13 @@ fn main() -> ExitCode {
         Some(Command::Notary { args }) => {
             mqtt_notary::cli_main(std::iter::once(OsString::from("mqtt-notary")).chain(args))
         }
+        Some(Command::Report { dir }) => match report::rewrite(&dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bench report: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Some(Command::Ceiling { seconds }) => {
             let c = ceiling::measure(seconds);
             println!(

@@ -17,9 +17,14 @@ fn color(k: Kind) -> RGBColor {
     }
 }
 
-/// What a run achieved: notarized msg/s for the notary, delivered for the others.
-fn rate(r: &Run) -> f64 {
-    r.notarized_per_s.unwrap_or(r.delivered_per_s)
+/// What a run achieved: notarized msg/s for the notary (none when it did
+/// not notarize everything: a gap), delivered for the plain brokers.
+fn rate(r: &Run) -> Option<f64> {
+    if r.system.notarizes() {
+        r.notarized_per_s
+    } else {
+        Some(r.delivered_per_s)
+    }
 }
 
 /// 140000 -> "140k".
@@ -29,6 +34,18 @@ fn thousands(v: &f64) -> String {
     } else {
         format!("{v:.0}")
     }
+}
+
+/// The legend box, the same on every panel.
+fn legend<'a, CT: plotters::coord::CoordTranslate>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, CT>,
+) -> anyhow::Result<()> {
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.9))
+        .draw()
+        .map_err(fail)
 }
 
 fn fail(e: impl std::fmt::Display) -> anyhow::Error {
@@ -44,8 +61,12 @@ pub fn draw(r: &Results, path: &Path) -> anyhow::Result<()> {
         SYSTEMS
             .iter()
             .map(|&k| {
-                let mut v: Vec<(f64, f64)> =
-                    r.scaling.iter().filter(|s| s.system == k && pick(s)).map(|s| (x(s), rate(s))).collect();
+                let mut v: Vec<(f64, f64)> = r
+                    .scaling
+                    .iter()
+                    .filter(|s| s.system == k && pick(s))
+                    .filter_map(|s| Some((x(s), rate(s)?)))
+                    .collect();
                 v.sort_by(|a, b| a.0.total_cmp(&b.0));
                 v.dedup_by(|a, b| a.0 == b.0);
                 (k, v)
@@ -63,7 +84,7 @@ pub fn draw(r: &Results, path: &Path) -> anyhow::Result<()> {
 }
 
 fn throughput(r: &Results, area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>) -> anyhow::Result<()> {
-    let max = r.runs.iter().map(rate).fold(1.0, f64::max) * 1.1;
+    let max = r.runs.iter().filter_map(rate).fold(1.0, f64::max) * 1.1;
     let mut chart = ChartBuilder::on(area)
         .caption("Throughput (notarized for mqtt-notary, delivered for plain brokers)", ("sans-serif", 17))
         .margin(12)
@@ -95,7 +116,7 @@ fn throughput(r: &Results, area: &DrawingArea<SVGBackend<'_>, plotters::coord::S
             .filter_map(|x| {
                 let i = SYSTEMS.iter().position(|k| *k == x.system)? as f64;
                 let c = color(x.system).mix(shade);
-                Some(Rectangle::new([(i + offset, 0.0), (i + offset + 0.38, rate(x))], c.filled()))
+                Some(Rectangle::new([(i + offset, 0.0), (i + offset + 0.38, rate(x)?)], c.filled()))
             })
             .collect();
         chart
@@ -104,13 +125,7 @@ fn throughput(r: &Results, area: &DrawingArea<SVGBackend<'_>, plotters::coord::S
             .label(if q == 0 { "QoS 0 (solid)" } else { "QoS 1 (light)" })
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], BLACK.mix(shade).filled()));
     }
-    chart
-        .configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.9))
-        .draw()
-        .map_err(fail)?;
-    Ok(())
+    legend(&mut chart)
 }
 
 fn curves(
@@ -153,13 +168,7 @@ fn curves(
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], c.stroke_width(2)));
         chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, c.filled()))).map_err(fail)?;
     }
-    chart
-        .configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.9))
-        .draw()
-        .map_err(fail)?;
-    Ok(())
+    legend(&mut chart)
 }
 
 fn store(r: &Results, area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>) -> anyhow::Result<()> {
@@ -202,11 +211,5 @@ fn store(r: &Results, area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>
         .map_err(fail)?
         .label("proof request p99")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK.stroke_width(1)));
-    chart
-        .configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.9))
-        .draw()
-        .map_err(fail)?;
-    Ok(())
+    legend(&mut chart)
 }

@@ -43,7 +43,7 @@ pub fn metric(port: u16, name: &str) -> Option<u64> {
 }
 
 /// Percentiles of latencies, in milliseconds.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Latency {
     pub count: usize,
     pub p50_ms: f64,

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Plan {
     pub quick: bool,
     /// Messages per throughput run, over `publishers` connections.
@@ -36,6 +36,7 @@ pub struct Plan {
     pub store_requests: usize,
     pub ceiling_seconds: f64,
     /// Only these systems (all when empty).
+    #[serde(default)]
     pub only: Vec<Kind>,
 }
 
@@ -88,7 +89,7 @@ impl Plan {
 }
 
 /// One system under one load, measured to the end.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Run {
     pub system: Kind,
     pub qos: u8,
@@ -122,15 +123,15 @@ pub struct Run {
     pub disk_bytes_per_msg: Option<f64>,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Crosscheck {
-    pub topic: &'static str,
+    pub topic: String,
     pub published: u64,
     pub ours: u64,
     pub mosquitto_sub: u64,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct LatencyRun {
     pub system: Kind,
     /// Publishing rate (half of the system's notarized QoS 1 capacity).
@@ -141,7 +142,7 @@ pub struct LatencyRun {
     pub mqtt: Latency,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct StorePoint {
     pub stored: u64,
     pub rss_mib: f64,
@@ -149,7 +150,7 @@ pub struct StorePoint {
     pub proof_http: Latency,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Results {
     pub machine: crate::machine::Machine,
     pub plan: Plan,
@@ -406,7 +407,7 @@ fn throughput(rt: &tokio::runtime::Runtime, kind: Kind, spec: LoadSpec) -> anyho
         failed_publishers: published.failed_publishers,
         delivered,
         crosscheck: Crosscheck {
-            topic: load::CROSSCHECK_TOPIC,
+            topic: load::CROSSCHECK_TOPIC.to_owned(),
             published: spec.per_publisher,
             ours: sub.topic0(),
             mosquitto_sub: cross.as_ref().map_or(0, |c| c.topic0()),
