@@ -40,12 +40,7 @@ fn thousands(v: &f64) -> String {
 fn legend<'a, CT: plotters::coord::CoordTranslate>(
     chart: &mut ChartContext<'a, SVGBackend<'a>, CT>,
 ) -> anyhow::Result<()> {
-    chart
-        .configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.9))
-        .draw()
-        .map_err(fail)
+    chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.9)).draw().map_err(fail)
 }
 
 fn fail(e: impl std::fmt::Display) -> anyhow::Error {
