@@ -564,6 +564,20 @@ fn store_growth(rt: &tokio::runtime::Runtime, plan: &Plan, run: u32) -> anyhow::
         }
         if stored >= target || sent == 0 {
             step.next();
+            // Proofs exist once the batches are sealed: wait for the last
+            // message of every publisher (batches are sealed in order).
+            for p in 0..plan.publishers {
+                let last =
+                    load::payload_bytes(spec.run, p, spec.per_publisher.saturating_sub(1), plan.payload);
+                let path = format!("/v1/proofs/{}", blake3::hash(&last).to_hex());
+                while probe::http_status(http, &path) != Some(200) {
+                    sys.check_alive()?;
+                    if start.elapsed() > STALL * 6 {
+                        anyhow::bail!("no proof for the last messages stored");
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
             // Digests spread over everything stored so far.
             let mut digests = Vec::new();
             let mut x = stored.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

@@ -10,7 +10,7 @@ pub struct BatchPolicy {
     pub max_batch_age_ms: u64,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Batcher {
     policy: BatchPolicy,
     /// Leaves waiting in the open batch.

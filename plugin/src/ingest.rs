@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 pub const OWN_PREFIX: &str = "notary/";
 pub const PROOF_REQUEST_TOPIC: &str = "notary/proof/request";
 /// Most leaves committed in one transaction.
-const MAX_GROUP: usize = 4096;
+const MAX_GROUP: usize = 8192;
 
 pub(crate) enum IngestItem {
     Message(Message),

@@ -11,7 +11,7 @@
 use crate::batcher::{BatchPolicy, Batcher};
 use crate::metrics::Metrics;
 use crate::source::{now_ms, Outbox};
-use crate::store::{Store, StoreError};
+use crate::store::{SealedBatch, Store, StoreError};
 use notary_anchor::Anchor;
 use notary_proof::tree::{self, NodeSource};
 use notary_proof::{BatchRecord, BatchTree, Checkpoint, Hash, NoteSigner};
@@ -23,6 +23,8 @@ use std::time::Duration;
 pub const CHECKPOINT_TOPIC: &str = "notary/checkpoint";
 /// Wait between anchoring retries while a ledger fails.
 const ANCHOR_RETRY_MS: u64 = 1000;
+/// Most batches sealed in one transaction.
+const MAX_SEAL_ROUND: usize = 32;
 /// Pause after a failed seal (store error) before the next attempt.
 const SEAL_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
 
@@ -103,35 +105,74 @@ impl Sealer {
         tracing::info!(log_size = st.next_number, "sealer finished");
     }
 
+    /// Seals every batch that is due. When the sealer is behind, the due
+    /// batches (up to [`MAX_SEAL_ROUND`]) go into one transaction: ingest
+    /// holds the write lock for a whole group commit, so one transaction
+    /// per batch would let the sealer fall further behind.
     fn seal_due(&mut self, st: &mut State, flush: bool) {
         loop {
             let now = now_ms();
-            let n = if flush { st.batcher.flush() } else { st.batcher.due(now) };
-            if n == 0 {
+            let mut plan = st.batcher.clone();
+            let mut sealed = Vec::new();
+            let mut taken = 0usize;
+            let mut extra: Vec<(u32, u64, Hash)> = Vec::new();
+            while sealed.len() < MAX_SEAL_ROUND {
+                let n = if flush { plan.flush() } else { plan.due(now) };
+                if n == 0 {
+                    break;
+                }
+                let leaves: Vec<Hash> =
+                    st.pending.iter().skip(taken).take(n as usize).map(|(_, h)| *h).collect();
+                let first_seq = st.pending.get(taken).map_or(0, |(s, _)| *s);
+                let number = st.next_number + sealed.len() as u64;
+                match self.prepare(&leaves, first_seq, number, now, &mut extra) {
+                    Ok(Some(batch)) => sealed.push(batch),
+                    Ok(None) => {}
+                    Err(e) => return self.seal_failed(&e),
+                }
+                plan.sealed(n);
+                taken += n as usize;
+            }
+            if taken == 0 {
                 return;
             }
-            match self.seal(st, n as usize, now) {
-                Ok(()) => {
-                    st.batcher.sealed(n);
-                    self.anchor_pending(st);
-                }
-                Err(e) => {
-                    // Leaves stay pending and are sealed on the next attempt;
-                    // pause so a failing disk is not hammered.
-                    tracing::error!(error = %e, "sealing failed; will retry");
-                    std::thread::sleep(SEAL_RETRY);
-                    return;
-                }
+            // One transaction: on failure nothing changed, the leaves stay
+            // pending and are sealed on the next attempt.
+            if let Err(e) = self.store.seal(&sealed) {
+                return self.seal_failed(&e);
             }
+            st.batcher = plan;
+            st.pending.drain(..taken.min(st.pending.len()));
+            st.next_number += sealed.len() as u64;
+            Metrics::add(&self.metrics.batches_sealed_total, sealed.len() as u64);
+            Metrics::add(&self.metrics.checkpoints_signed_total, sealed.len() as u64);
+            tracing::debug!(batches = sealed.len(), log_size = st.next_number, "sealed");
+            st.anchor_retry_at = Some(0);
+            self.anchor_pending(st);
         }
     }
 
-    fn seal(&mut self, st: &mut State, n: usize, now: u64) -> Result<(), StoreError> {
-        let leaves: Vec<Hash> = st.pending.iter().take(n).map(|(_, h)| *h).collect();
-        let first_seq = st.pending.front().map_or(0, |(s, _)| *s);
-        let Some(tree) = BatchTree::new(&leaves) else { return Ok(()) };
+    /// Pauses after a failed seal, so a failing disk is not hammered.
+    fn seal_failed(&self, e: &StoreError) {
+        tracing::error!(error = %e, "sealing failed; will retry");
+        std::thread::sleep(SEAL_RETRY);
+    }
+
+    /// Builds batch `number` over `leaves`: its record, stored batch-tree
+    /// nodes, the log nodes its append completes (on top of the store and
+    /// of `extra`, the nodes of batches prepared before it in this round,
+    /// which it extends) and its signed checkpoint.
+    fn prepare(
+        &self,
+        leaves: &[Hash],
+        first_seq: u64,
+        number: u64,
+        now: u64,
+        extra: &mut Vec<(u32, u64, Hash)>,
+    ) -> Result<Option<SealedBatch>, StoreError> {
+        let Some(tree) = BatchTree::new(leaves) else { return Ok(None) };
         let batch = BatchRecord {
-            number: st.next_number,
+            number,
             first_seq,
             size: leaves.len() as u64,
             root: tree.root(),
@@ -142,19 +183,14 @@ impl Sealer {
         let mut full = tree::MemoryTree::new();
         leaves.iter().for_each(|h| full.append(*h));
         let batch_nodes = full.perfect_nodes(crate::store::BATCH_NODE_MIN_LEVEL);
-        let nodes = self.store.nodes_after_append(batch.number, batch.leaf_hash())?;
-        let root = tree::root(&mut Overlay { store: &self.store, extra: &nodes }, batch.number + 1)?;
-        let checkpoint = Checkpoint { origin: self.signer.name().to_owned(), size: batch.number + 1, root };
+        let log_nodes = tree::perfect_nodes_after_append(number, batch.leaf_hash(), |level, idx| {
+            Overlay { store: &self.store, extra }.node(level, idx)
+        })?;
+        extra.extend_from_slice(&log_nodes);
+        let root = tree::root(&mut Overlay { store: &self.store, extra }, number + 1)?;
+        let checkpoint = Checkpoint { origin: self.signer.name().to_owned(), size: number + 1, root };
         let note = self.signer.sign(&checkpoint.body());
-        // One transaction: on failure nothing changed and the caller retries.
-        self.store.seal(&batch, &batch_nodes, &nodes, &note)?;
-        st.pending.drain(..n);
-        st.next_number += 1;
-        Metrics::inc(&self.metrics.batches_sealed_total);
-        Metrics::inc(&self.metrics.checkpoints_signed_total);
-        tracing::debug!(batch = batch.number, size = batch.size, "sealed");
-        st.anchor_retry_at = Some(0);
-        Ok(())
+        Ok(Some(SealedBatch { batch, batch_nodes, log_nodes, note }))
     }
 
     /// Anchors every checkpoint some ledger has not recorded yet, oldest
@@ -170,22 +206,25 @@ impl Sealer {
                     continue;
                 }
             };
+            let mut receipts = Vec::with_capacity(todo.len());
             for (size, note) in todo {
                 match anchor.anchor(&note, now_ms()) {
-                    Ok(receipt) => {
-                        if let Err(e) = self.store.put_receipt(size, anchor.name(), &receipt) {
-                            tracing::error!(error = %e, size, "cannot store receipt");
-                            failed = true;
-                            break;
-                        }
-                        Metrics::inc(&self.metrics.anchors_total);
-                    }
+                    Ok(receipt) => receipts.push((size, anchor.name(), receipt)),
                     Err(e) => {
                         Metrics::inc(&self.metrics.anchor_failures_total);
                         tracing::warn!(ledger = anchor.name(), size, error = %e, "anchoring failed; will retry");
                         failed = true;
                         break;
                     }
+                }
+            }
+            // Anchoring is idempotent: receipts not stored are fetched again
+            // from the ledger at the next attempt.
+            match self.store.put_receipts(&receipts) {
+                Ok(()) => Metrics::add(&self.metrics.anchors_total, receipts.len() as u64),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot store receipts");
+                    failed = true;
                 }
             }
         }

@@ -145,6 +145,17 @@ fn write_lock(lock: &Option<WriteLock>) -> Option<std::sync::MutexGuard<'_, ()>>
 }
 
 /// A leaf as persisted: sequence number, BLAKE3 payload digest, record bytes.
+/// A batch ready to store (see [`Store::seal`]).
+pub struct SealedBatch {
+    pub batch: BatchRecord,
+    /// Upper nodes of the batch tree: (level, index, hash).
+    pub batch_nodes: Vec<(u32, u64, Hash)>,
+    /// Log nodes the batch's append completes.
+    pub log_nodes: Vec<(u32, u64, Hash)>,
+    /// The signed checkpoint of the log with this batch.
+    pub note: String,
+}
+
 pub struct StoredLeaf {
     pub seq: u64,
     pub digest: [u8; 32],
@@ -547,49 +558,50 @@ impl Store {
 
     /// Stores a sealed batch, its tree nodes (levels >= `BATCH_NODE_MIN_LEVEL`),
     /// its new log nodes and its checkpoint atomically.
-    pub fn seal(
-        &mut self,
-        batch: &BatchRecord,
-        batch_nodes: &[(u32, u64, Hash)],
-        nodes: &[(u32, u64, Hash)],
-        checkpoint_note: &str,
-    ) -> Result<(), StoreError> {
+    /// Stores sealed batches, oldest first, in one transaction: each
+    /// batch record, its upper batch-tree nodes, the log nodes its append
+    /// completes, and its signed checkpoint.
+    pub fn seal(&mut self, batches: &[SealedBatch]) -> Result<(), StoreError> {
         let _w = write_lock(&self.writer);
         let tx = self.conn.transaction()?;
-        tx.execute(
-            "INSERT INTO batches (number, first_seq, size, record) VALUES (?1, ?2, ?3, ?4)",
-            params![batch.number, batch.first_seq, batch.size, batch.encode()],
-        )?;
-        {
+        for s in batches {
+            let batch = &s.batch;
+            tx.prepare_cached(
+                "INSERT INTO batches (number, first_seq, size, record) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![batch.number, batch.first_seq, batch.size, batch.encode()])?;
             let mut stmt = tx.prepare_cached(
                 "INSERT INTO batch_nodes (batch, level, idx, hash) VALUES (?1, ?2, ?3, ?4)",
             )?;
-            for (level, idx, hash) in batch_nodes {
+            for (level, idx, hash) in &s.batch_nodes {
                 stmt.execute(params![batch.number, level, idx, &hash[..]])?;
             }
-        }
-        {
             let mut stmt =
                 tx.prepare_cached("INSERT INTO log_nodes (level, idx, hash) VALUES (?1, ?2, ?3)")?;
-            for (level, idx, hash) in nodes {
+            for (level, idx, hash) in &s.log_nodes {
                 stmt.execute(params![level, idx, &hash[..]])?;
             }
+            tx.prepare_cached("INSERT INTO checkpoints (size, note) VALUES (?1, ?2)")?
+                .execute(params![batch.number + 1, s.note])?;
         }
-        tx.execute(
-            "INSERT INTO checkpoints (size, note) VALUES (?1, ?2)",
-            params![batch.number + 1, checkpoint_note],
-        )?;
         tx.commit()?;
         Ok(())
     }
 
-    pub fn put_receipt(&self, size: u64, ledger: &str, receipt: &Receipt) -> Result<(), StoreError> {
-        let json = serde_json::to_string(receipt).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    /// Stores anchor receipts, (checkpoint size, ledger, receipt), in one
+    /// transaction.
+    pub fn put_receipts(&self, receipts: &[(u64, &str, Receipt)]) -> Result<(), StoreError> {
+        if receipts.is_empty() {
+            return Ok(());
+        }
         let _w = write_lock(&self.writer);
-        self.conn.execute(
-            "INSERT OR REPLACE INTO receipts (size, ledger, receipt) VALUES (?1, ?2, ?3)",
-            params![size, ledger, json],
-        )?;
+        let tx = self.conn.unchecked_transaction()?;
+        for (size, ledger, receipt) in receipts {
+            let json = serde_json::to_string(receipt).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            tx.prepare_cached("INSERT OR REPLACE INTO receipts (size, ledger, receipt) VALUES (?1, ?2, ?3)")?
+                .execute(params![size, ledger, json])?;
+        }
+        tx.commit()?;
         Ok(())
     }
 
@@ -805,9 +817,13 @@ mod tests {
         hashes.iter().for_each(|h| mem.append(*h));
         let batch = BatchRecord { number, first_seq, size: hashes.len() as u64, root, sealed_at_ms: 0 };
         let log_nodes = store.nodes_after_append(number, batch.leaf_hash()).expect("nodes");
-        store
-            .seal(&batch, &mem.perfect_nodes(BATCH_NODE_MIN_LEVEL), &log_nodes, &format!("note {number}"))
-            .expect("seal");
+        let sealed = SealedBatch {
+            batch: batch.clone(),
+            batch_nodes: mem.perfect_nodes(BATCH_NODE_MIN_LEVEL),
+            log_nodes,
+            note: format!("note {number}"),
+        };
+        store.seal(&[sealed]).expect("seal");
         batch
     }
 
