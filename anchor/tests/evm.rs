@@ -4,6 +4,7 @@
 
 use notary_anchor::evm::{check_on_chain, EvmClient, EvmError, EvmSettings, OnChainError, TxState};
 use notary_proof::Receipt;
+use std::io::{BufRead as _, BufReader};
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,16 +19,31 @@ struct Anvil {
 }
 
 impl Anvil {
+    /// anvil on a port the kernel picks (`--port 0`): it prints the address
+    /// it listens on, so no other test can take the port in between.
     fn start() -> Anvil {
-        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
         let bin = std::env::var("ANVIL").unwrap_or_else(|_| "anvil".into());
-        let child = Command::new(&bin)
-            .args(["--port", &port.to_string(), "--silent"])
-            .stdout(Stdio::null())
+        let mut child = Command::new(&bin)
+            .args(["--port", "0"])
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {bin} ({e}); run scripts/test, which installs it"));
-        Anvil { child, url: format!("http://127.0.0.1:{port}") }
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(addr) = line.trim().strip_prefix("Listening on ") {
+                        break addr.to_owned();
+                    }
+                }
+                _ => panic!("anvil exited before listening: {:?}", child.wait()),
+            }
+        };
+        // Keep reading, so anvil never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Anvil { child, url: format!("http://{addr}") }
     }
 
     /// A client once the node answers.

@@ -25,8 +25,36 @@ pub fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// A loopback port for a server under test. Ports are taken from outside
+/// the kernel's ephemeral range, so a client socket of a test running in
+/// parallel can never hold one between this call and the server's bind (a
+/// port from `bind(0)` could be), and each is handed out once per test
+/// process, starting at an offset drawn from the process id so that two
+/// test processes rarely walk the same ports.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (low, high) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|n| n.parse::<u32>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    let candidates: Vec<u16> = (10_000..=65_535u32)
+        .filter(|p| *p < low || *p > high)
+        .filter_map(|p| u16::try_from(p).ok())
+        .collect();
+    assert!(!candidates.is_empty(), "no ports outside the ephemeral range {low}-{high}");
+    let offset = std::process::id() as usize * 211;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed) as usize;
+        assert!(n < candidates.len(), "ran out of test ports");
+        let port = candidates[(offset + n) % candidates.len()];
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// The verifier key a running notary wrote to its data directory.
