@@ -205,8 +205,11 @@ impl Pipeline {
 
 /// How often the checkpointer copies the WAL into the database file.
 const WAL_CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
-/// WAL frames (pages of 4 KiB) after which the WAL is emptied.
+/// WAL frames (pages of 4 KiB, 32 MiB) after which the checkpointer
+/// copies the rest holding the write lock, so the WAL starts over.
 const WAL_RESTART_FRAMES: i64 = 8192;
+/// WAL frames (128 MiB) after which it is truncated, waiting for readers.
+const WAL_LIMIT_FRAMES: i64 = 32768;
 
 /// Runs passive WAL checkpoints until `stop` closes, then a last one.
 /// Pipeline connections never checkpoint on commit; this thread does it
@@ -214,7 +217,9 @@ const WAL_RESTART_FRAMES: i64 = 8192;
 fn checkpoints(store: Store, stop: Receiver<()>) {
     loop {
         let closed = !matches!(stop.recv_timeout(WAL_CHECKPOINT_EVERY), Err(RecvTimeoutError::Timeout));
-        if let Err(e) = store.checkpoint_wal(WAL_RESTART_FRAMES) {
+        // The last one, after the pipeline stopped writing, empties the WAL.
+        let (restart, limit) = if closed { (0, 0) } else { (WAL_RESTART_FRAMES, WAL_LIMIT_FRAMES) };
+        if let Err(e) = store.checkpoint_wal(restart, limit) {
             tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
         }
         if closed {

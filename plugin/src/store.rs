@@ -291,18 +291,27 @@ impl Store {
         Ok(store)
     }
 
-    /// Copies committed WAL frames into the database file. A passive
-    /// checkpoint never waits for, nor blocks, the writer and readers; but
-    /// under a steady stream of commits it never copies the last frames,
-    /// so the WAL would grow without end. Once it holds more than
-    /// `restart_frames`, a truncating checkpoint follows: it holds the
-    /// writer back only for the few frames the passive one left, then
-    /// empties the WAL. Returns the frames the WAL held.
-    pub fn checkpoint_wal(&self, restart_frames: i64) -> Result<i64, StoreError> {
+    /// Copies committed WAL frames into the database file, and keeps the
+    /// WAL from growing without end.
+    ///
+    /// A passive checkpoint never waits for, nor blocks, the writer and
+    /// readers; under a steady stream of commits it copies all but the
+    /// frames committed while it ran, so the WAL never starts over by
+    /// itself. Once the WAL holds more than `restart_frames`, a second
+    /// passive checkpoint runs holding the write lock: with no commit in
+    /// between it copies every frame, and the next write transaction then
+    /// starts the WAL over from its beginning (SQLite does this when the
+    /// whole WAL is in the database file and no reader still holds a
+    /// snapshot in it). A reader can make that restart miss; if the WAL
+    /// still grows past `limit_frames`, a truncating checkpoint empties it,
+    /// waiting for those readers. The lock is held only for the frames the
+    /// first passive checkpoint left. Returns the frames the WAL held.
+    pub fn checkpoint_wal(&self, restart_frames: i64, limit_frames: i64) -> Result<i64, StoreError> {
         let frames: i64 = self.conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))?;
         if frames > restart_frames {
+            let mode = if frames > limit_frames { "TRUNCATE" } else { "PASSIVE" };
             let _w = write_lock(&self.writer);
-            self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get::<_, i64>(0))?;
+            self.conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| r.get::<_, i64>(0))?;
         }
         Ok(frames)
     }
@@ -862,5 +871,51 @@ mod tests {
         assert!(store.batch_path(&batch, 70).is_ok(), "paths that do not touch the damage still work");
         assert!(matches!(store.batch_path(&batch, 10), Err(StoreError::Corrupt(_))));
         assert!(matches!(store.batch_path(&batch, 3), Err(StoreError::Corrupt(_))));
+    }
+
+    /// The checkpointer bounds the WAL under a steady writer: past
+    /// `restart_frames` the next commit starts the WAL over; a reader that
+    /// makes that restart miss lets it grow only until `limit_frames`,
+    /// where it is truncated.
+    #[test]
+    fn the_wal_starts_over_and_is_truncated_past_its_limit() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let lock = WriteLock::default();
+        let mut writer = Store::open_pipeline(dir.path(), None, lock.clone()).expect("writer");
+        let checkpointer = Store::open_pipeline(dir.path(), None, lock).expect("checkpointer");
+        let wal = dir.path().join(format!("{STORE_FILE}-wal"));
+        let wal_bytes = || std::fs::metadata(&wal).expect("WAL file").len();
+        // Only reports the frames: thresholds no WAL here reaches.
+        let frames = || checkpointer.checkpoint_wal(i64::MAX, i64::MAX).expect("checkpoint");
+
+        persist_leaves(&mut writer, 0, 2000);
+        let grown = checkpointer.checkpoint_wal(10, i64::MAX).expect("checkpoint");
+        assert!(grown > 10, "{grown} frames");
+        persist_leaves(&mut writer, 2000, 1);
+        let restarted = frames();
+        assert!(
+            restarted < grown / 2,
+            "the commit after the locked checkpoint starts the WAL over: {restarted} of {grown} frames"
+        );
+        assert!(wal_bytes() > 0, "starting over reuses the file");
+
+        // A reader holding a snapshot: no restart, the WAL grows.
+        let reader = Store::open(dir.path()).expect("reader");
+        reader.conn.execute_batch("BEGIN").expect("begin");
+        let _: i64 = reader.conn.query_row("SELECT COUNT(*) FROM leaves", [], |r| r.get(0)).expect("read");
+        let held = frames();
+        persist_leaves(&mut writer, 2001, 2000);
+        checkpointer.checkpoint_wal(10, i64::MAX).expect("checkpoint");
+        persist_leaves(&mut writer, 4001, 1);
+        let past = frames();
+        assert!(
+            past > held + 10,
+            "a reader's snapshot keeps the WAL from starting over: {held} -> {past} frames"
+        );
+        reader.conn.execute_batch("COMMIT").expect("end the read");
+
+        checkpointer.checkpoint_wal(10, past - 1).expect("checkpoint");
+        assert_eq!(wal_bytes(), 0, "past the limit the WAL is truncated");
+        assert_eq!(writer.next_seq().expect("seq"), 4002, "nothing lost");
     }
 }
