@@ -272,6 +272,8 @@ pub struct TlsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
+    pub max_connections: usize,
+    pub header_read_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -286,6 +288,8 @@ pub struct LogConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct IngestConfig {
     pub queue_capacity: usize,
+    pub stall_ms: u64,
+    pub shutdown_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -321,7 +325,11 @@ impl Default for MqttConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { listen: SocketAddr::from(([127, 0, 0, 1], 8080)) }
+        HttpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_connections: 512,
+            header_read_timeout_ms: 10_000,
+        }
     }
 }
 
@@ -333,7 +341,7 @@ impl Default for LogConfig {
 
 impl Default for IngestConfig {
     fn default() -> Self {
-        IngestConfig { queue_capacity: 65_536 }
+        IngestConfig { queue_capacity: 65_536, stall_ms: 10_000, shutdown_timeout_ms: 15_000 }
     }
 }
 
@@ -361,6 +369,12 @@ impl Config {
         if self.ingest.queue_capacity == 0 {
             bail!("ingest.queue_capacity must be at least 1");
         }
+        if self.ingest.stall_ms == 0 || self.ingest.shutdown_timeout_ms == 0 {
+            bail!("ingest.stall_ms and ingest.shutdown_timeout_ms must be at least 1");
+        }
+        if self.http.max_connections == 0 || self.http.header_read_timeout_ms == 0 {
+            bail!("http.max_connections and http.header_read_timeout_ms must be at least 1");
+        }
         if self.mqtt.max_payload_bytes == 0 || self.mqtt.max_connections == 0 || self.mqtt.max_inflight == 0 {
             bail!("mqtt.max_payload_bytes, max_connections and max_inflight must be at least 1");
         }
@@ -368,7 +382,7 @@ impl Config {
             bail!("mqtt.backlog_segment_bytes must be at least 1024 and backlog_segment_count at least 1");
         }
         for f in &self.devices.require_signature {
-            if !notary_plugin::registry::valid_topic_filter(f) {
+            if !notary_plugin::topics::valid_topic_filter(f) {
                 bail!("devices.require_signature: {f:?} is not a valid MQTT topic filter");
             }
         }
@@ -387,7 +401,7 @@ impl Config {
         for f in &self.sidecar.topics {
             let plain =
                 f.strip_prefix("$share/").and_then(|r| r.split_once('/')).map_or(f.as_str(), |(_, t)| t);
-            if !notary_plugin::registry::valid_topic_filter(plain) {
+            if !notary_plugin::topics::valid_topic_filter(plain) {
                 bail!("sidecar.topics: {f:?} is not a valid MQTT topic filter");
             }
         }

@@ -4,12 +4,16 @@
 //! (`bench/`) runs exactly this code in its child processes; the
 //! `mqtt-notary` binary is [`cli_main`] and nothing else.
 //!
-//! Exit codes: `run` 0 after a clean shutdown, 2 on a start-up error;
+//! Exit codes: `run` and `sidecar` 0 after a clean shutdown, 2 on a
+//! start-up error, 3 when shutdown's deadline passed before everything
+//! taken was committed, 4 when the data directory is refused (a damaged or
+//! missing file where a log existed; see `datadir.rs`);
 //! `verify` and `ledger verify` 0 valid, 1 invalid, 2 usage or I/O error;
 //! `device ...` 0 done, 2 refused or failed.
 #![forbid(unsafe_code)]
 
 mod config;
+mod datadir;
 mod device;
 mod run;
 mod verify;
@@ -43,6 +47,10 @@ enum Command {
         /// Overrides `http.listen` (HOST:PORT).
         #[arg(long)]
         http: Option<SocketAddr>,
+        /// Start even though the data directory shows an earlier log whose
+        /// store, key or ledger is missing: begins a new log.
+        #[arg(long)]
+        new_log: bool,
     },
     /// Notarize an existing broker (Mosquitto, ...) as its client, and
     /// serve proofs on it and over HTTP.
@@ -59,6 +67,10 @@ enum Command {
         /// Overrides `http.listen` (HOST:PORT).
         #[arg(long)]
         http: Option<SocketAddr>,
+        /// Start even though the data directory shows an earlier log whose
+        /// store, key or ledger is missing: begins a new log.
+        #[arg(long)]
+        new_log: bool,
     },
     /// Print the commented default configuration.
     GenerateConfig,
@@ -198,11 +210,11 @@ pub fn cli_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         }
     };
     match cli.command {
-        Command::Run { config, data_dir, mqtt, http } => {
-            run::main(config, data_dir, mqtt, http, run::Source::Embedded)
+        Command::Run { config, data_dir, mqtt, http, new_log } => {
+            run::main(config, data_dir, mqtt, http, new_log, run::Source::Embedded)
         }
-        Command::Sidecar { broker, config, data_dir, http } => {
-            run::main(config, data_dir, None, http, run::Source::Upstream(broker))
+        Command::Sidecar { broker, config, data_dir, http, new_log } => {
+            run::main(config, data_dir, None, http, new_log, run::Source::Upstream(broker))
         }
         Command::GenerateConfig => {
             print!("{}", config::DEFAULT_CONFIG);

@@ -8,8 +8,7 @@ use anyhow::Context as _;
 use notary_anchor::{Anchor, LocalLedger};
 use notary_plugin::auth::PasswordFile;
 use notary_plugin::embedded::{self, EmbeddedSettings};
-use notary_plugin::{http, keys, tls, BatchPolicy, Pipeline, PipelineConfig};
-use std::future::IntoFuture as _;
+use notary_plugin::{http, keys, tls, BatchPolicy, Pipeline, PipelineConfig, Shutdown};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,6 +30,7 @@ pub fn main(
     data_dir: Option<PathBuf>,
     mqtt: Option<SocketAddr>,
     http: Option<SocketAddr>,
+    new_log: bool,
     source: Source,
 ) -> ExitCode {
     init_tracing();
@@ -44,13 +44,24 @@ pub fn main(
         if let Some(a) = http {
             cfg.http.listen = a;
         }
-        serve(cfg, source)
+        serve(cfg, source, new_log)
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Shutdown::Clean) => ExitCode::SUCCESS,
+        Ok(Shutdown::Incomplete { uncommitted }) => {
+            tracing::error!(
+                uncommitted,
+                "stopped at the shutdown deadline; not everything taken was committed"
+            );
+            ExitCode::from(3)
+        }
         Err(e) => {
             tracing::error!("{e:#}");
-            ExitCode::from(2)
+            if e.downcast_ref::<crate::datadir::Refused>().is_some() {
+                ExitCode::from(4)
+            } else {
+                ExitCode::from(2)
+            }
         }
     }
 }
@@ -122,9 +133,10 @@ pub fn plain_rumqttd(listen: std::net::SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn serve(cfg: Config, source: Source) -> anyhow::Result<()> {
+fn serve(cfg: Config, source: Source, new_log: bool) -> anyhow::Result<Shutdown> {
     let dir = &cfg.data_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("creating data directory {}", dir.display()))?;
+    crate::datadir::check(dir, LEDGER_FILE, new_log)?;
     let origin = (!cfg.log.origin.is_empty()).then_some(cfg.log.origin.as_str());
     let signer = keys::load_or_create(dir, origin)?;
     tracing::info!(log = signer.name(), key = %dir.join(keys::PUB_FILE).display(), "checkpoint key");
@@ -163,7 +175,8 @@ fn serve(cfg: Config, source: Source) -> anyhow::Result<()> {
                 let upstream = tls::local_target(cfg.mqtt.listen);
                 let handshake = std::time::Duration::from_millis(cfg.mqtt.connection_timeout_ms.into());
                 tracing::info!(listen = ?listener.local_addr().ok(), "MQTT over TLS");
-                rt.spawn(tls::serve(listener, acceptor, upstream, handshake));
+                let (max, metrics) = (cfg.mqtt.max_connections, inlets.metrics());
+                rt.spawn(tls::serve(listener, acceptor, upstream, handshake, max, metrics));
             }
             outbox
         }
@@ -219,6 +232,7 @@ fn serve(cfg: Config, source: Source) -> anyhow::Result<()> {
         },
         devices: cfg.devices.policy(),
         answer_only_holders: matches!(source, Source::Upstream(_)) && !cfg.sidecar.group.is_empty(),
+        stall_ms: cfg.ingest.stall_ms,
         evm: match &cfg.anchor.evm {
             Some(evm) => {
                 let c = evm.anchor_config()?;
@@ -244,24 +258,34 @@ fn serve(cfg: Config, source: Source) -> anyhow::Result<()> {
         }
     }
 
-    rt.block_on(async move {
+    let limits = http::HttpLimits {
+        max_connections: cfg.http.max_connections,
+        header_read_timeout: std::time::Duration::from_millis(cfg.http.header_read_timeout_ms),
+    };
+    let deadline = std::time::Duration::from_millis(cfg.ingest.shutdown_timeout_ms);
+    let outcome = rt.block_on(async move {
         let stop = CancellationToken::new();
-        let server = tokio::spawn(
-            axum::serve(listener, http::router(api))
-                .with_graceful_shutdown(stop.clone().cancelled_owned())
-                .into_future(),
-        );
+        let metrics = pipeline.metrics.clone();
+        let server = tokio::spawn(http::serve(listener, http::router(api), limits, metrics, stop.clone()));
         wait_for_signal().await;
-        tracing::info!("shutting down: draining, sealing and anchoring");
-        tokio::task::spawn_blocking(move || pipeline.shutdown()).await.context("pipeline shutdown")?;
+        tracing::info!(
+            deadline_ms = deadline.as_millis() as u64,
+            "shutting down: draining, sealing and anchoring"
+        );
+        let outcome = tokio::task::spawn_blocking(move || pipeline.shutdown(deadline))
+            .await
+            .context("pipeline shutdown")?;
         stop.cancel();
-        server.await.context("HTTP server")?.context("HTTP server")?;
-        tracing::info!("stopped");
-        anyhow::Ok(())
+        server.await.context("HTTP server")?;
+        if outcome == Shutdown::Clean {
+            tracing::info!("stopped");
+        }
+        anyhow::Ok(outcome)
     })?;
-    // rumqttd has no shutdown; its threads end with the process.
+    // rumqttd has no shutdown; its threads end with the process, and so
+    // does a stage still blocked after the deadline.
     rt.shutdown_background();
-    Ok(())
+    Ok(outcome)
 }
 
 async fn wait_for_signal() {

@@ -19,9 +19,14 @@ use std::collections::HashMap;
 use std::path::Path;
 
 /// A parsed password file.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct PasswordFile {
     users: HashMap<String, Hash>,
+    /// Checked for an unknown user, so that a login with a name that does
+    /// not exist costs the same work as one with a wrong password: the
+    /// strongest hash form in the file, at its highest iteration count.
+    /// Otherwise the answer's speed tells an attacker which users exist.
+    decoy: Hash,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,7 +72,8 @@ impl PasswordFile {
             }
             users.insert(user.to_owned(), parse_hash(hash).ok_or((i + 1, "unsupported or malformed hash"))?);
         }
-        Ok(PasswordFile { users })
+        let decoy = decoy(users.values());
+        Ok(PasswordFile { users, decoy })
     }
 
     pub fn len(&self) -> usize {
@@ -78,13 +84,41 @@ impl PasswordFile {
         self.users.is_empty()
     }
 
-    /// Whether `password` is `user`'s password. Unknown users cost the
-    /// same as known ones would, in the common case.
+    /// Whether `password` is `user`'s password. An unknown user's check
+    /// does the same work as a known user's (see `decoy`) and fails.
     pub fn check(&self, user: &str, password: &[u8]) -> bool {
-        let Some(h) = self.users.get(user) else {
-            return false;
-        };
-        match h {
+        let (hash, known) = self.hash_for(user);
+        hash.matches(password) && known
+    }
+
+    /// The hash a login as `user` is checked against, and whether the user
+    /// exists.
+    fn hash_for(&self, user: &str) -> (&Hash, bool) {
+        match self.users.get(user) {
+            Some(h) => (h, true),
+            None => (&self.decoy, false),
+        }
+    }
+}
+
+/// The costliest hash among `hashes` (PBKDF2 over SHA-512, most iterations),
+/// with a salt and hash that match no password anyone types.
+fn decoy<'a>(hashes: impl Iterator<Item = &'a Hash>) -> Hash {
+    let iterations = hashes
+        .filter_map(|h| match h {
+            Hash::Pbkdf2Sha512 { iterations, .. } => Some(*iterations),
+            Hash::Sha512 { .. } => None,
+        })
+        .max();
+    match iterations {
+        Some(iterations) => Hash::Pbkdf2Sha512 { iterations, salt: vec![0; 12], hash: vec![0; 64] },
+        None => Hash::Sha512 { salt: vec![0; 12], hash: vec![0; 64] },
+    }
+}
+
+impl Hash {
+    fn matches(&self, password: &[u8]) -> bool {
+        match self {
             Hash::Sha512 { salt, hash } => {
                 let mut d = Sha512::new();
                 d.update(password);
@@ -152,5 +186,23 @@ mod tests {
         assert_eq!(PasswordFile::parse("ok\n").err(), Some((1, "expected username:hash")));
         assert!(PasswordFile::parse("a:$7$0$AAAA$AAAA").is_err(), "zero iterations");
         assert!(PasswordFile::parse("a:$7$99999999$AAAA$AAAA").is_err(), "too many iterations");
+    }
+
+    /// An unknown user is checked against a hash of the same form and
+    /// iteration count as the file's costliest, so the answer takes as
+    /// long as for a known user with a wrong password.
+    #[test]
+    fn unknown_users_cost_the_same_pbkdf2_work() {
+        let text = format!(
+            "{}\n{}\n",
+            pbkdf2_line("a", "x", b"0123456789ab", 101),
+            pbkdf2_line("b", "y", b"ba9876543210", 1000)
+        );
+        let f = PasswordFile::parse(&text).expect("parses");
+        let (hash, known) = f.hash_for("nobody");
+        assert!(!known);
+        assert!(matches!(hash, Hash::Pbkdf2Sha512 { iterations: 1000, .. }), "{hash:?}");
+        assert!(!f.check("nobody", b""), "the decoy matches no password");
+        assert!(!f.check("nobody", b"y"));
     }
 }

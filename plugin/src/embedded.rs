@@ -116,10 +116,13 @@ pub fn start(settings: &EmbeddedSettings, sink: Arc<dyn Sink>) -> Result<Arc<dyn
         .map_err(|e| EmbeddedError::Broker(e.to_string()))?;
     tx.subscribe("#").map_err(|e| EmbeddedError::Broker(e.to_string()))?;
 
+    let router_sink = sink.clone();
     spawn("rumqttd", move || {
-        if let Err(e) = broker.start() {
-            tracing::error!(error = %e, "embedded broker stopped");
-        }
+        let why = match broker.start() {
+            Err(e) => format!("the embedded broker stopped: {e}"),
+            Ok(()) => "the embedded broker stopped".to_owned(),
+        };
+        router_sink.stopped(&why);
     })?;
     spawn("notary-link", move || read_link(rx, sink))?;
     let (out_tx, out_rx) = sync_channel(OUTBOX_CAPACITY);
@@ -151,7 +154,7 @@ fn read_link(mut rx: LinkRx, sink: Arc<dyn Sink>) {
             Ok(Some(n)) => n,
             Ok(None) => continue,
             Err(e) => {
-                tracing::error!(error = %e, "broker link closed");
+                sink.stopped(&format!("the embedded broker's link closed: {e}"));
                 return;
             }
         };
@@ -184,7 +187,7 @@ fn read_link(mut rx: LinkRx, sink: Arc<dyn Sink>) {
             }
             Notification::Unschedule => {
                 if let Err(e) = rx.ready() {
-                    tracing::error!(error = %e, "cannot wake broker link");
+                    sink.stopped(&format!("cannot wake the embedded broker's link: {e}"));
                     return;
                 }
             }

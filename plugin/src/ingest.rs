@@ -12,23 +12,23 @@
 //! dropped silently. Proof requests travel on their own queue and never wait
 //! behind ingest; when that queue is full they are dropped and counted.
 
+use crate::health::Part;
 use crate::metrics::Metrics;
+use crate::reason::Reason;
 use crate::registry::{DevicePolicy, Lookup, Registry};
 use crate::sealer::SealerMsg;
 use crate::source::{now_ms, Closed, Message, Outbox, Sink};
-use crate::store::{Commit, RegistryChange, Rejection, Store, StoredLeaf};
+use crate::store::{Commit, Fault, RegistryChange, Rejection, Store, StoreError, StoredLeaf};
+use crate::topics::{OWN_PREFIX, PROOF_REQUEST_TOPIC, REJECTIONS_TOPIC};
 use ed25519_dalek::VerifyingKey;
 use notary_proof::envelope::{self, is_envelope, BATCH_SIZE};
 use notary_proof::{DeviceFields, Envelope, EnvelopeError, LeafRecord};
 use std::collections::HashMap;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Topics under this prefix belong to mqtt-notary and are never notarized.
-pub const OWN_PREFIX: &str = "notary/";
-pub const PROOF_REQUEST_TOPIC: &str = "notary/proof/request";
 /// Most leaves committed in one transaction.
 const MAX_GROUP: usize = 8192;
 
@@ -124,6 +124,10 @@ impl Sink for Intake {
         self.send(IngestItem::Barrier(done))
     }
 
+    fn stopped(&self, why: &str) {
+        self.metrics.health.stopped(Part::Source, why);
+    }
+
     fn gap(&self, missed: u64) {
         Metrics::inc(&self.metrics.gap_events_total);
         Metrics::add(&self.metrics.gap_messages_total, missed);
@@ -132,8 +136,6 @@ impl Sink for Intake {
     }
 }
 
-/// Rejection events are published here as JSON (docs/PROTOCOL.md §Rejections).
-pub const REJECTIONS_TOPIC: &str = "notary/rejections";
 /// How often queued registry commands are picked up.
 const REGISTRY_POLL: Duration = Duration::from_millis(200);
 /// Rejections logged one by one per group; the rest are summed up.
@@ -150,7 +152,21 @@ pub(crate) struct Ingest {
     pub sealer: SyncSender<SealerMsg>,
     pub outbox: Arc<dyn Outbox>,
     pub metrics: Arc<Metrics>,
+    /// Set when shutdown's deadline has passed: stop retrying commits.
+    pub give_up: Arc<AtomicBool>,
 }
+
+/// How a commit ended.
+enum Persisted {
+    Done,
+    /// The store can never hold this commit.
+    Permanent(StoreError),
+    /// Shutdown's deadline passed while the store kept failing.
+    GaveUp,
+}
+
+/// Longest pause between attempts while the store fails.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(2);
 
 /// A message after its first look, before signatures are checked.
 enum Judged {
@@ -161,7 +177,7 @@ enum Judged {
     Outage { from_ms: u64, to_ms: u64 },
 }
 
-fn rejection(msg: &Message, reason: &'static str, detail: String, device: Option<String>) -> Rejection {
+fn rejection(msg: &Message, reason: Reason, detail: String, device: Option<String>) -> Rejection {
     Rejection {
         received_at_ms: msg.received_at_ms,
         topic: msg.topic.clone(),
@@ -183,9 +199,15 @@ impl Ingest {
                 self.apply_commands();
                 last_poll = Some(Instant::now());
             }
+            if self.give_up.load(Relaxed) {
+                break;
+            }
             match rx.recv_timeout(REGISTRY_POLL) {
                 Ok(first) => group.push(first),
-                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.metrics.health.ingest_progress();
+                    continue;
+                }
                 Err(RecvTimeoutError::Disconnected) => break,
             }
             while group.len() < MAX_GROUP {
@@ -201,13 +223,27 @@ impl Ingest {
                 group.drain(..).partition(|i| matches!(i, IngestItem::Barrier(_)));
             self.process(items.into_iter());
             self.metrics.queue_depth.fetch_sub(taken, Relaxed);
+            if self.give_up.load(Relaxed) {
+                // Not committed: the barriers stay unfired (their messages
+                // are not acknowledged upstream).
+                break;
+            }
             for b in barriers {
                 if let IngestItem::Barrier(done) = b {
                     done();
                 }
             }
         }
-        tracing::debug!("ingest drained");
+        let left = rx.try_iter().filter(|i| matches!(i, IngestItem::Message(_))).count();
+        if left > 0 || self.give_up.load(Relaxed) {
+            Metrics::add(&self.metrics.messages_uncommitted_total, left as u64);
+            tracing::error!(
+                queued = left,
+                "ingest stopped at the shutdown deadline; queued messages were not committed"
+            );
+        } else {
+            tracing::debug!("ingest drained");
+        }
     }
 
     /// Applies queued registry commands, each as a registry leaf.
@@ -245,8 +281,39 @@ impl Ingest {
                 }
             }
         }
-        self.persist(&commit);
-        self.hand_to_sealer(&commit.leaves);
+        let first_seq = commit.leaves.first().map(|l| l.seq);
+        match self.persist(&commit) {
+            Persisted::Done => self.hand_to_sealer(&commit.leaves),
+            Persisted::GaveUp => {}
+            Persisted::Permanent(e) => {
+                // Refuse every command of this round, and undo their
+                // effect on the in-memory registry and on the numbering.
+                tracing::error!(error = %e, "the store refused a registry change; its commands are refused");
+                let why = format!("the store refused it: {e}");
+                let refused = Commit {
+                    refused: commit
+                        .registry
+                        .iter()
+                        .filter_map(|r| r.command)
+                        .chain(commit.refused.iter().map(|(id, _)| *id))
+                        .map(|id| (id, why.clone()))
+                        .collect(),
+                    ..Commit::default()
+                };
+                if let Some(seq) = first_seq {
+                    self.next_seq = seq;
+                }
+                match Registry::load(&self.store) {
+                    Ok(r) => self.registry = r,
+                    Err(e) => {
+                        self.metrics.health.failing(Part::Ingest, format!("cannot reload the registry: {e}"))
+                    }
+                }
+                if !matches!(self.persist(&refused), Persisted::Done) {
+                    tracing::error!("could not record the refused commands");
+                }
+            }
+        }
     }
 
     fn judge(&self, msg: Message) -> Judged {
@@ -254,7 +321,7 @@ impl Ingest {
             if self.policy.requires_signature(&msg.topic) {
                 let r = rejection(
                     &msg,
-                    "signature-required",
+                    Reason::SignatureRequired,
                     "this topic accepts only signed envelopes".into(),
                     None,
                 );
@@ -268,18 +335,18 @@ impl Ingest {
                 msg.payload.len(),
                 self.policy.max_envelope_bytes
             );
-            return Judged::Rejected(rejection(&msg, "oversize", detail, None));
+            return Judged::Rejected(rejection(&msg, Reason::Oversize, detail, None));
         }
         let env = match Envelope::parse(&msg.payload, &msg.topic) {
             Ok(env) => env,
-            Err(e) => return Judged::Rejected(rejection(&msg, e.code(), e.to_string(), None)),
+            Err(e) => return Judged::Rejected(rejection(&msg, Reason::from(&e), e.to_string(), None)),
         };
         match self.registry.lookup(&env.device_id) {
             Lookup::Unknown => {
                 let device = Some(env.device_id);
                 Judged::Rejected(rejection(
                     &msg,
-                    "unknown-device",
+                    Reason::UnknownDevice,
                     "no such device is enrolled".into(),
                     device,
                 ))
@@ -288,7 +355,7 @@ impl Ingest {
                 let device = Some(env.device_id);
                 Judged::Rejected(rejection(
                     &msg,
-                    "revoked-device",
+                    Reason::RevokedDevice,
                     "the device's key is revoked".into(),
                     device,
                 ))
@@ -322,7 +389,12 @@ impl Ingest {
 
         let mut commit = Commit::default();
         let mut counters: HashMap<String, u64> = HashMap::new();
+        // Per leaf: the device counter it raises, for committing leaves one
+        // by one if the store refuses the group.
+        let mut leaf_counters: Vec<Option<(String, u64)>> = Vec::new();
+        let first_seq = self.next_seq;
         for j in judged {
+            let mut leaf_counter = None;
             let (msg, leaf) = match j {
                 Judged::Plain(msg) => {
                     let leaf = LeafRecord::broker_received(
@@ -338,7 +410,7 @@ impl Ingest {
                     if valid.next() != Some(true) {
                         commit.rejections.push(rejection(
                             &msg,
-                            "bad-signature",
+                            Reason::BadSignature,
                             EnvelopeError::BadSignature.to_string(),
                             device,
                         ));
@@ -354,7 +426,7 @@ impl Ingest {
                             env.counter,
                             last.unwrap_or(0)
                         );
-                        commit.rejections.push(rejection(&msg, "replay", detail, device));
+                        commit.rejections.push(rejection(&msg, Reason::Replay, detail, device));
                         continue;
                     }
                     let fields = DeviceFields {
@@ -372,13 +444,14 @@ impl Ingest {
                     ) {
                         Ok(leaf) => {
                             self.registry.set_counter(&env.device_id, env.counter);
+                            leaf_counter = Some((env.device_id.clone(), env.counter));
                             counters.insert(env.device_id, env.counter);
                             (msg, leaf)
                         }
                         Err(e) => {
                             commit.rejections.push(rejection(
                                 &msg,
-                                "malformed-envelope",
+                                Reason::MalformedEnvelope,
                                 e.to_string(),
                                 device,
                             ));
@@ -409,16 +482,84 @@ impl Ingest {
                 continue;
             };
             commit.leaves.push(StoredLeaf { seq: self.next_seq, digest: leaf.payload_digest, record });
+            leaf_counters.push(leaf_counter);
             self.next_seq += 1;
         }
         commit.counters = counters.into_iter().collect();
         if commit.is_empty() {
             return;
         }
-        self.persist(&commit);
+        let commit = match self.persist(&commit) {
+            Persisted::Done => commit,
+            Persisted::GaveUp => return,
+            Persisted::Permanent(e) => {
+                tracing::warn!(error = %e, leaves = commit.leaves.len(), "the store refused a group; committing its messages one by one");
+                let Some(c) = self.persist_apart(commit, leaf_counters, first_seq) else { return };
+                c
+            }
+        };
         Metrics::add(&self.metrics.messages_notarized_total, commit.leaves.len() as u64);
         self.hand_to_sealer(&commit.leaves);
         self.announce(&commit.rejections);
+    }
+
+    /// Commits a group the store refused as a whole, one message per
+    /// transaction: a message the store refuses becomes a rejection
+    /// (`unstorable`), and the leaves after it are renumbered so the log
+    /// keeps no holes. Returns what was committed; `None` if shutdown gave
+    /// up meanwhile.
+    fn persist_apart(
+        &mut self,
+        group: Commit,
+        leaf_counters: Vec<Option<(String, u64)>>,
+        first_seq: u64,
+    ) -> Option<Commit> {
+        let mut done = Commit::default();
+        let mut next = first_seq;
+        for (leaf, counter) in group.leaves.into_iter().zip(leaf_counters) {
+            let leaf = match renumber(leaf, next) {
+                Ok(l) => l,
+                Err((leaf, why)) => {
+                    done.rejections.push(unstorable(&leaf, counter.map(|(d, _)| d), &why));
+                    continue;
+                }
+            };
+            let one =
+                Commit { leaves: vec![leaf], counters: counter.into_iter().collect(), ..Commit::default() };
+            match self.persist(&one) {
+                Persisted::Done => {
+                    next += 1;
+                    done.leaves.extend(one.leaves);
+                    done.counters.extend(one.counters);
+                }
+                Persisted::GaveUp => return None,
+                Persisted::Permanent(e) => {
+                    let leaf = &one.leaves[0];
+                    let device = one.counters.first().map(|(d, _)| d.clone());
+                    let r = unstorable(leaf, device, &e);
+                    match self.persist(&Commit { rejections: vec![r.clone()], ..Commit::default() }) {
+                        Persisted::Done => {}
+                        Persisted::GaveUp => return None,
+                        Persisted::Permanent(e) => {
+                            tracing::error!(topic = %r.topic, digest = %hex::encode(r.digest), error = %e, "message could not be stored, nor its rejection")
+                        }
+                    }
+                    done.rejections.push(r);
+                }
+            }
+        }
+        for r in group.rejections {
+            match self.persist(&Commit { rejections: vec![r.clone()], ..Commit::default() }) {
+                Persisted::Done => done.rejections.push(r),
+                Persisted::GaveUp => return None,
+                Persisted::Permanent(e) => {
+                    tracing::error!(topic = %r.topic, reason = r.reason.as_str(), error = %e, "a rejection could not be stored");
+                    done.rejections.push(r);
+                }
+            }
+        }
+        self.next_seq = next;
+        Some(done)
     }
 
     /// Logs, counts and publishes rejections (after they are stored).
@@ -426,7 +567,7 @@ impl Ingest {
         for (i, r) in rejections.iter().enumerate() {
             self.metrics.count_rejection(r.reason);
             if i < REJECTIONS_LOGGED {
-                tracing::warn!(topic = %r.topic, reason = r.reason, detail = %r.detail, device = ?r.device, "message rejected");
+                tracing::warn!(topic = %r.topic, reason = r.reason.as_str(), detail = %r.detail, device = ?r.device, "message rejected");
             }
             let event = serde_json::to_vec(r).unwrap_or_default();
             if !self.outbox.publish(REJECTIONS_TOPIC, event, false) {
@@ -449,15 +590,81 @@ impl Ingest {
         }
     }
 
-    /// Commits, retrying until the store takes it: a message that was
-    /// accepted must not be dropped because the disk was briefly full.
-    fn persist(&mut self, commit: &Commit) {
+    /// Commits one transaction. A transient failure (busy, disk full, I/O)
+    /// is retried with backoff for as long as it lasts, so nothing accepted
+    /// is dropped because the disk was briefly full; meanwhile `/healthz`
+    /// reports it and the queue fills, which blocks the source. A permanent
+    /// failure is returned at once: retrying could only repeat it.
+    fn persist(&mut self, commit: &Commit) -> Persisted {
         let mut delay = Duration::from_millis(10);
-        while let Err(e) = self.store.commit(commit) {
-            tracing::error!(error = %e, leaves = commit.leaves.len(), "cannot persist; retrying");
+        let mut failures = 0u64;
+        loop {
+            let e = match self.store.commit(commit) {
+                Ok(()) => {
+                    if failures > 0 {
+                        tracing::info!(failures, "store writes work again");
+                        self.metrics.health.recovered(Part::Ingest);
+                    }
+                    self.metrics.health.ingest_progress();
+                    return Persisted::Done;
+                }
+                Err(e) => e,
+            };
+            if e.fault() == Fault::Permanent {
+                Metrics::inc(&self.metrics.persist_refused_total);
+                return Persisted::Permanent(e);
+            }
+            Metrics::inc(&self.metrics.persist_failures_total);
+            self.metrics.health.failing(Part::Ingest, format!("cannot commit: {e}"));
+            if failures == 0 || failures.is_power_of_two() {
+                tracing::error!(error = %e, leaves = commit.leaves.len(), failures, "cannot commit; retrying");
+            }
+            failures += 1;
+            if self.give_up.load(Relaxed) {
+                Metrics::add(&self.metrics.messages_uncommitted_total, commit.leaves.len() as u64);
+                tracing::error!(
+                    leaves = commit.leaves.len(),
+                    rejections = commit.rejections.len(),
+                    error = %e,
+                    "shutdown deadline passed; this group was not committed"
+                );
+                return Persisted::GaveUp;
+            }
             std::thread::sleep(delay);
-            delay = (delay * 2).min(Duration::from_secs(5));
+            delay = (delay * 2).min(MAX_RETRY_DELAY);
         }
+    }
+}
+
+/// The leaf with sequence number `seq` (re-encoded if it had another).
+fn renumber(leaf: StoredLeaf, seq: u64) -> Result<StoredLeaf, (StoredLeaf, String)> {
+    if leaf.seq == seq {
+        return Ok(leaf);
+    }
+    let record = LeafRecord::decode(&leaf.record).and_then(|mut r| {
+        r.seq = seq;
+        r.encode()
+    });
+    match record {
+        Ok(record) => Ok(StoredLeaf { seq, digest: leaf.digest, record }),
+        Err(e) => Err((leaf, format!("the leaf record cannot be renumbered: {e}"))),
+    }
+}
+
+/// The rejection of a message whose leaf the store refused.
+fn unstorable(leaf: &StoredLeaf, device: Option<String>, why: &dyn std::fmt::Display) -> Rejection {
+    let (received_at_ms, topic, payload_len) = match LeafRecord::decode(&leaf.record) {
+        Ok(r) => (r.received_at_ms, r.topic, r.payload_len),
+        Err(_) => (now_ms(), String::new(), 0),
+    };
+    Rejection {
+        received_at_ms,
+        topic,
+        digest: leaf.digest,
+        payload_len,
+        reason: Reason::Unstorable,
+        detail: format!("the store refused the message: {why}"),
+        device,
     }
 }
 

@@ -15,33 +15,39 @@ pub mod auth;
 pub mod batcher;
 pub mod embedded;
 pub mod evm_anchor;
+pub mod health;
 pub mod http;
 mod ingest;
 pub mod keys;
 pub mod metrics;
 pub mod mqtt_api;
 pub mod proofs;
+pub mod reason;
 pub mod registry;
 mod sealer;
 pub mod sidecar;
 pub mod source;
 pub mod store;
 pub mod tls;
+pub mod topics;
 
 pub use batcher::BatchPolicy;
-pub use ingest::{Intake, OWN_PREFIX, PROOF_REQUEST_TOPIC, REJECTIONS_TOPIC};
+pub use ingest::Intake;
 pub use registry::DevicePolicy;
-pub use sealer::CHECKPOINT_TOPIC;
+pub use topics::{CHECKPOINT_TOPIC, OWN_PREFIX, PROOF_REQUEST_TOPIC, REJECTIONS_TOPIC};
 
+use health::Part;
 use metrics::Metrics;
 use notary_anchor::Anchor;
 use notary_proof::NoteSigner;
 use proofs::ProofService;
 use source::Outbox;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 use store::{Store, StoreError};
 
 /// Threads answering MQTT proof requests.
@@ -60,6 +66,9 @@ pub struct PipelineConfig {
     /// pending or rejected), staying silent otherwise: for sidecars that
     /// share a subscription, where another member holds the message.
     pub answer_only_holders: bool,
+    /// How long a failure or a stalled queue lasts before `/healthz`
+    /// reports it.
+    pub stall_ms: u64,
 }
 
 /// The channels a pipeline reads; created before the source so the source
@@ -97,6 +106,18 @@ pub struct Pipeline {
     /// Dropped at shutdown, after the writers, to stop the WAL checkpointer.
     wal_stop: Option<SyncSender<()>>,
     wal_thread: Option<JoinHandle<()>>,
+    /// Set when shutdown's deadline passes: stages stop retrying.
+    give_up: Arc<AtomicBool>,
+}
+
+/// How a shutdown ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shutdown {
+    /// Everything taken was committed, sealed and the pipeline stopped.
+    Clean,
+    /// The deadline passed first; `uncommitted` messages were not
+    /// committed (each was logged) and some stage may still be stuck.
+    Incomplete { uncommitted: u64 },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +138,8 @@ impl Pipeline {
         anchors: Vec<Arc<dyn Anchor>>,
     ) -> Result<Self, StartError> {
         let Inlets { ingest_rx, proof_rx, metrics } = inlets;
+        metrics.health.set_stall_ms(cfg.stall_ms);
+        let give_up = Arc::new(AtomicBool::new(false));
         let writer = store::WriteLock::default();
         let ingest_store =
             Store::open_pipeline(&cfg.data_dir, Some(store::INGEST_CACHE_KIB), writer.clone())?;
@@ -134,9 +157,16 @@ impl Pipeline {
         let (seal_tx, seal_rx): (SyncSender<_>, _) = sync_channel(64);
 
         let mut threads = Vec::new();
-        let spawn =
-            |name: &str, f: Box<dyn FnOnce() + Send>| std::thread::Builder::new().name(name.into()).spawn(f);
-        threads.push(spawn("notary-sealer", Box::new(move || sealer.run(seal_rx, recovered)))?);
+        // Every pipeline thread reports itself stopped to /healthz if it
+        // ends (or panics) while the broker is not shutting down.
+        let spawn = |name: &str, part: Part, f: Box<dyn FnOnce() + Send>| {
+            let m = metrics.clone();
+            std::thread::Builder::new().name(name.into()).spawn(move || {
+                let _guard = health::StopGuard { metrics: m, part };
+                f()
+            })
+        };
+        threads.push(spawn("notary-sealer", Part::Sealer, Box::new(move || sealer.run(seal_rx, recovered)))?);
         let ingest = ingest::Ingest {
             registry: registry::Registry::load(&ingest_store)?,
             store: ingest_store,
@@ -145,14 +175,16 @@ impl Pipeline {
             sealer: seal_tx,
             outbox: outbox.clone(),
             metrics: metrics.clone(),
+            give_up: give_up.clone(),
         };
-        threads.push(spawn("notary-ingest", Box::new(move || ingest.run(ingest_rx)))?);
+        threads.push(spawn("notary-ingest", Part::Ingest, Box::new(move || ingest.run(ingest_rx)))?);
         let proof_rx = Arc::new(Mutex::new(proof_rx));
         for i in 0..PROOF_WORKERS {
             let (rx, p, o, m) = (proof_rx.clone(), proofs.clone(), outbox.clone(), metrics.clone());
             let holders_only = cfg.answer_only_holders;
             threads.push(spawn(
                 &format!("notary-proofs-{i}"),
+                Part::Proofs,
                 Box::new(move || mqtt_api::serve(rx, p, o, m, holders_only)),
             )?);
         }
@@ -164,13 +196,16 @@ impl Pipeline {
                     metrics: metrics.clone(),
                 };
                 let (stop_tx, stop_rx) = sync_channel(1);
-                (Some(stop_tx), Some(spawn("notary-evm", Box::new(move || anchorer.run(stop_rx)))?))
+                (
+                    Some(stop_tx),
+                    Some(spawn("notary-evm", Part::Evm, Box::new(move || anchorer.run(stop_rx)))?),
+                )
             }
             None => (None, None),
         };
         let wal_store = Store::open_pipeline(&cfg.data_dir, None, writer)?;
         let (wal_stop, wal_rx) = sync_channel(1);
-        let wal_thread = spawn("notary-wal", Box::new(move || checkpoints(wal_store, wal_rx)))?;
+        let wal_thread = spawn("notary-wal", Part::Sealer, Box::new(move || checkpoints(wal_store, wal_rx)))?;
         Ok(Pipeline {
             proofs,
             metrics,
@@ -180,27 +215,65 @@ impl Pipeline {
             evm_thread,
             wal_stop: Some(wal_stop),
             wal_thread: Some(wal_thread),
+            give_up,
         })
     }
 
     /// Stops taking messages, persists what was taken, seals and anchors the
-    /// open batch, and returns when every pipeline thread has finished.
-    /// The EVM anchorer stops between steps; what it has in flight is in
-    /// the store and resumes at the next start.
-    pub fn shutdown(self) {
+    /// open batch, and returns when every pipeline thread has finished, or
+    /// once `deadline` has passed: then the stages stop retrying (what they
+    /// could not commit is logged and counted) and shutdown returns after
+    /// at most [`GIVE_UP_GRACE`] more, even if a stage is still blocked in a
+    /// call that cannot be interrupted. The EVM anchorer stops between
+    /// steps; what it has in flight is in the store and resumes at the next
+    /// start.
+    pub fn shutdown(self, deadline: Duration) -> Shutdown {
+        self.metrics.health.set_stopping();
         self.intake.close();
-        for t in self.threads {
-            let _ = t.join();
+        let Pipeline { metrics, threads, evm_stop, evm_thread, wal_stop, wal_thread, give_up, .. } = self;
+        let (done_tx, done_rx) = sync_channel::<()>(1);
+        let joiner = std::thread::Builder::new().name("notary-stop".into()).spawn(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+            drop(evm_stop);
+            if let Some(t) = evm_thread {
+                let _ = t.join();
+            }
+            drop(wal_stop);
+            if let Some(t) = wal_thread {
+                let _ = t.join();
+            }
+            let _ = done_tx.send(());
+        });
+        if joiner.is_err() {
+            give_up.store(true, Relaxed);
+            return Shutdown::Incomplete { uncommitted: queued(&metrics) };
         }
-        drop(self.evm_stop);
-        if let Some(t) = self.evm_thread {
-            let _ = t.join();
+        let before = metrics.messages_uncommitted_total.load(Relaxed);
+        if done_rx.recv_timeout(deadline).is_ok() {
+            return Shutdown::Clean;
         }
-        drop(self.wal_stop);
-        if let Some(t) = self.wal_thread {
-            let _ = t.join();
+        tracing::error!(
+            deadline_ms = deadline.as_millis() as u64,
+            "shutdown deadline passed; stages stop retrying"
+        );
+        give_up.store(true, Relaxed);
+        let finished = done_rx.recv_timeout(GIVE_UP_GRACE).is_ok();
+        let uncommitted = metrics.messages_uncommitted_total.load(Relaxed) - before;
+        let uncommitted = if finished { uncommitted } else { uncommitted.max(queued(&metrics)) };
+        if finished && uncommitted == 0 {
+            return Shutdown::Clean;
         }
+        Shutdown::Incomplete { uncommitted }
     }
+}
+
+/// How long shutdown waits, after its deadline, for stages to give up.
+pub const GIVE_UP_GRACE: Duration = Duration::from_secs(3);
+
+fn queued(metrics: &Metrics) -> u64 {
+    u64::try_from(metrics.queue_depth.load(Relaxed)).unwrap_or(0)
 }
 
 /// How often the checkpointer copies the WAL into the database file.

@@ -1,6 +1,7 @@
 //! Counters exposed at `/metrics` in the Prometheus text format.
 
-use crate::registry::REASONS;
+use crate::health::{Health, Part};
+use crate::reason::Reason;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
@@ -11,8 +12,10 @@ macro_rules! metrics {
             $( pub $field: AtomicU64, )*
             /// Messages delivered by the source and not yet persisted.
             pub queue_depth: AtomicI64,
-            /// Rejected messages, per reason (`registry::REASONS`).
-            pub rejected: [AtomicU64; REASONS.len()],
+            /// Rejected messages, per reason (index: `Reason::index`).
+            pub rejected: [AtomicU64; Reason::ALL.len()],
+            /// What `/healthz` reports.
+            pub health: Health,
         }
 
         impl Metrics {
@@ -28,8 +31,15 @@ macro_rules! metrics {
                 let _ = writeln!(out, "notary_queue_depth {}", self.queue_depth.load(Relaxed).max(0));
                 let _ = writeln!(out, "# HELP notary_messages_rejected_total Messages rejected, by reason.");
                 let _ = writeln!(out, "# TYPE notary_messages_rejected_total counter");
-                for (reason, n) in REASONS.iter().zip(&self.rejected) {
+                for (reason, n) in Reason::ALL.iter().zip(&self.rejected) {
                     let _ = writeln!(out, "notary_messages_rejected_total{{reason=\"{reason}\"}} {}", n.load(Relaxed));
+                }
+                let problems = self.health.problems(self.queue_depth.load(Relaxed));
+                let _ = writeln!(out, "# HELP notary_health_problem 1 while the part is stuck, failing or stopped (see /healthz).");
+                let _ = writeln!(out, "# TYPE notary_health_problem gauge");
+                for part in Part::ALL {
+                    let bad = problems.iter().any(|(p, _)| *p == part);
+                    let _ = writeln!(out, "notary_health_problem{{part=\"{}\"}} {}", part.as_str(), u8::from(bad));
                 }
                 out
             }
@@ -51,6 +61,13 @@ metrics! {
     proof_requests_http_total: "counter", "Proof requests received over HTTP.";
     proof_request_errors_total: "counter", "Proof requests answered with an error.";
     proof_requests_dropped_total: "counter", "Proof requests refused because the proof queue was full.";
+    persist_failures_total: "counter", "Failed store commits of ingest that may heal (busy, disk full, I/O); retried.";
+    persist_refused_total: "counter", "Store commits refused for good; their messages were committed one by one.";
+    messages_uncommitted_total: "counter", "Messages not committed because shutdown's deadline passed first.";
+    seal_failures_total: "counter", "Failed sealing attempts (retried).";
+    http_connections_refused_total: "counter", "HTTP connections closed at once because max_connections were open.";
+    accept_errors_total: "counter", "Failed accepts on the HTTP and TLS listeners (e.g. out of file descriptors).";
+    tls_connections_refused_total: "counter", "TLS connections closed at once because max_connections were open.";
     outbox_dropped_total: "counter", "Outgoing publishes dropped because the outbox was full.";
     source_connected: "gauge", "Sidecar: 1 while connected to the upstream broker.";
     source_disconnects_total: "counter", "Sidecar: times the connection to the upstream broker was lost.";
@@ -73,9 +90,7 @@ impl Metrics {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
     }
-    pub fn count_rejection(&self, reason: &str) {
-        if let Some(i) = REASONS.iter().position(|r| *r == reason) {
-            self.rejected[i].fetch_add(1, Relaxed);
-        }
+    pub fn count_rejection(&self, reason: Reason) {
+        self.rejected[reason.index()].fetch_add(1, Relaxed);
     }
 }

@@ -12,12 +12,11 @@
 use crate::metrics::Metrics;
 use crate::proofs::{ProofAnswer, ProofService};
 use crate::source::{Message, Outbox};
+use crate::topics::{ERROR_TOPIC, RESPONSE_PREFIX};
 use serde_json::{json, Value};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 
-pub const RESPONSE_PREFIX: &str = "notary/proof/response/";
-pub const ERROR_TOPIC: &str = "notary/proof/errors";
 /// Larger requests are refused unparsed.
 pub const MAX_REQUEST_BYTES: usize = 4096;
 const MAX_REPLY_TOPIC: usize = 256;
@@ -90,7 +89,7 @@ pub fn answer(payload: &[u8], proofs: &ProofService) -> (String, Value) {
         Ok(ProofAnswer::Unknown) => error(&id, "not_found", "no message with this digest was notarized"),
         Err(e) => {
             tracing::error!(error = %e, "proof lookup failed");
-            error(&id, "internal", "proof lookup failed")
+            error(&id, e.code(), "proof lookup failed")
         }
     };
     (reply_to, body)

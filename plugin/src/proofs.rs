@@ -40,6 +40,20 @@ pub enum ProofError {
     BadRange(String),
 }
 
+impl ProofError {
+    /// The stable error code answered over HTTP and MQTT: `store_damaged`
+    /// when the stored data does not check out (a batch that does not match
+    /// its root, a missing node), else `internal`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProofError::Store(StoreError::Corrupt(_)) => "store_damaged",
+            ProofError::Store(e) if e.fault() == crate::store::Fault::Damaged => "store_damaged",
+            ProofError::BadRange(_) => "bad_request",
+            _ => "internal",
+        }
+    }
+}
+
 impl ProofService {
     /// The proof service of a running pipeline (`writer`: its write lock).
     pub fn open(data_dir: &Path, evm: bool, writer: crate::store::WriteLock) -> Result<Self, StoreError> {

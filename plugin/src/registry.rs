@@ -8,29 +8,11 @@
 //! the log stands at the message's position.
 
 use crate::store::{DeviceCommand, Store, StoreError};
+use crate::topics::topic_matches;
 use ed25519_dalek::VerifyingKey;
 use notary_proof::device::{valid_device_id, NO_PREV};
 use notary_proof::{RegistryAction, RegistryEvent};
 use std::collections::HashMap;
-
-/// Every rejection reason, as published and counted (docs/PROTOCOL.md
-/// §Rejections).
-pub const REASONS: [&str; 9] = [
-    "malformed-envelope",
-    "unsupported-alg",
-    "unknown-device",
-    "revoked-device",
-    "bad-signature",
-    "replay",
-    "topic-mismatch",
-    "oversize",
-    "signature-required",
-];
-
-/// The static name of a reason code, if it is one.
-pub fn reason_code(s: &str) -> Option<&'static str> {
-    REASONS.iter().find(|r| **r == s).copied()
-}
 
 /// Which messages must be signed, and how large an envelope may be.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,36 +32,6 @@ impl DevicePolicy {
     pub fn requires_signature(&self, topic: &str) -> bool {
         self.require_signature.iter().any(|f| topic_matches(f, topic))
     }
-}
-
-/// MQTT topic filter matching (`+` one level, `#` the rest). As in MQTT,
-/// wildcards at the first level do not match topics starting with `$`.
-pub fn topic_matches(filter: &str, topic: &str) -> bool {
-    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
-        return false;
-    }
-    let mut f = filter.split('/');
-    let mut t = topic.split('/');
-    loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(a), Some(b)) if a == b => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
-}
-
-/// Checks a topic filter as MQTT defines one.
-pub fn valid_topic_filter(filter: &str) -> bool {
-    let levels: Vec<&str> = filter.split('/').collect();
-    !filter.is_empty()
-        && levels.iter().enumerate().all(|(i, l)| match *l {
-            "#" => i == levels.len() - 1,
-            "+" => true,
-            l => !l.contains(['+', '#']),
-        })
 }
 
 /// A key fit to enrol: a valid ed25519 point of large order.
@@ -279,28 +231,6 @@ pub fn parse_key_hex(s: &str) -> Result<[u8; 32], String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn topic_filters_match_as_mqtt_does() {
-        for (f, t, m) in [
-            ("a/b", "a/b", true),
-            ("a/+", "a/b", true),
-            ("a/+", "a/b/c", false),
-            ("a/#", "a", true),
-            ("a/#", "a/b/c", true),
-            ("#", "x/y", true),
-            ("#", "$SYS/x", false),
-            ("+/x", "$SYS/x", false),
-            ("a/+/c", "a//c", true),
-            ("a/b", "a/b/", false),
-        ] {
-            assert_eq!(topic_matches(f, t), m, "{f} {t}");
-        }
-        assert!(valid_topic_filter("a/+/#"));
-        assert!(!valid_topic_filter("a/#/b"));
-        assert!(!valid_topic_filter("a/b+"));
-        assert!(!valid_topic_filter(""));
-    }
 
     #[test]
     fn weak_keys_are_refused() {

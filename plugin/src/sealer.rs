@@ -9,9 +9,11 @@
 //! point loses nothing that ingest persisted.
 
 use crate::batcher::{BatchPolicy, Batcher};
+use crate::health::Part;
 use crate::metrics::Metrics;
 use crate::source::{now_ms, Outbox};
 use crate::store::{SealedBatch, Store, StoreError};
+use crate::topics::CHECKPOINT_TOPIC;
 use notary_anchor::Anchor;
 use notary_proof::tree::{self, NodeSource};
 use notary_proof::{BatchRecord, BatchTree, Checkpoint, Hash, NoteSigner};
@@ -20,7 +22,6 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub const CHECKPOINT_TOPIC: &str = "notary/checkpoint";
 /// Wait between anchoring retries while a ledger fails.
 const ANCHOR_RETRY_MS: u64 = 1000;
 /// Most batches sealed in one transaction.
@@ -144,6 +145,7 @@ impl Sealer {
             st.batcher = plan;
             st.pending.drain(..taken.min(st.pending.len()));
             st.next_number += sealed.len() as u64;
+            self.metrics.health.recovered(Part::Sealer);
             Metrics::add(&self.metrics.batches_sealed_total, sealed.len() as u64);
             Metrics::add(&self.metrics.checkpoints_signed_total, sealed.len() as u64);
             tracing::debug!(batches = sealed.len(), log_size = st.next_number, "sealed");
@@ -154,6 +156,8 @@ impl Sealer {
 
     /// Pauses after a failed seal, so a failing disk is not hammered.
     fn seal_failed(&self, e: &StoreError) {
+        Metrics::inc(&self.metrics.seal_failures_total);
+        self.metrics.health.failing(Part::Sealer, format!("cannot seal: {e}"));
         tracing::error!(error = %e, "sealing failed; will retry");
         std::thread::sleep(SEAL_RETRY);
     }
@@ -196,13 +200,13 @@ impl Sealer {
     /// Anchors every checkpoint some ledger has not recorded yet, oldest
     /// first, then publishes the newest checkpoint.
     fn anchor_pending(&self, st: &mut State) {
-        let mut failed = false;
+        let mut failed: Option<String> = None;
         for anchor in &self.anchors {
             let todo = match self.store.unanchored(anchor.name()) {
                 Ok(t) => t,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot list unanchored checkpoints");
-                    failed = true;
+                    failed = Some(format!("cannot list unanchored checkpoints: {e}"));
                     continue;
                 }
             };
@@ -213,7 +217,7 @@ impl Sealer {
                     Err(e) => {
                         Metrics::inc(&self.metrics.anchor_failures_total);
                         tracing::warn!(ledger = anchor.name(), size, error = %e, "anchoring failed; will retry");
-                        failed = true;
+                        failed = Some(format!("anchoring in ledger {} failed: {e}", anchor.name()));
                         break;
                     }
                 }
@@ -224,11 +228,15 @@ impl Sealer {
                 Ok(()) => Metrics::add(&self.metrics.anchors_total, receipts.len() as u64),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot store receipts");
-                    failed = true;
+                    failed = Some(format!("cannot store receipts: {e}"));
                 }
             }
         }
-        st.anchor_retry_at = failed.then(|| now_ms() + ANCHOR_RETRY_MS);
+        match &failed {
+            Some(why) => self.metrics.health.failing(Part::Anchor, why),
+            None => self.metrics.health.recovered(Part::Anchor),
+        }
+        st.anchor_retry_at = failed.map(|_| now_ms() + ANCHOR_RETRY_MS);
         self.publish_latest();
     }
 

@@ -40,6 +40,11 @@ pub trait Sink: Send + Sync {
     /// rejected. A source that acknowledges upstream only after persistence
     /// (the sidecar's QoS 1 subscription) uses it.
     fn after_commit(&self, done: Box<dyn FnOnce() + Send>) -> Result<(), Closed>;
+
+    /// Reports that the source stopped for good (its link to the broker
+    /// closed): no message reaches the pipeline any more, and `/healthz`
+    /// says so. Ignored while the broker shuts down.
+    fn stopped(&self, why: &str);
 }
 
 /// Publishes the pipeline's own messages (proof answers, checkpoints).

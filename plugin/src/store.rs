@@ -10,6 +10,9 @@
 use notary_proof::tree::{self, NodeSource};
 use notary_proof::{BatchRecord, Hash, Receipt, RegistryAction, RegistryEvent};
 use rusqlite::{params, Connection, OptionalExtension};
+
+mod int;
+pub use int::U64;
 use std::path::Path;
 
 mod evm;
@@ -20,6 +23,9 @@ pub const STORE_FILE: &str = "notary.sqlite";
 /// lower ones are recomputed from at most 64 leaves when a path is served.
 /// That costs about one hash per 32 leaves on disk.
 pub const BATCH_NODE_MIN_LEVEL: u32 = 6;
+
+/// The version of [`SCHEMA`], kept in the file as `PRAGMA user_version`.
+pub const SCHEMA_VERSION: i64 = 1;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS leaves (
@@ -128,6 +134,39 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+/// What a failed write means for what was being written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// May heal by itself (busy, locked, disk full, I/O): retry with backoff.
+    Transient,
+    /// This data can never be stored (a value the store cannot hold, a
+    /// constraint): retrying the same write fails the same way.
+    Permanent,
+    /// The file is damaged: nothing can be written until an operator acts.
+    Damaged,
+}
+
+impl StoreError {
+    pub fn fault(&self) -> Fault {
+        use rusqlite::ErrorCode as C;
+        match self {
+            StoreError::Corrupt(_) => Fault::Damaged,
+            StoreError::Sql(rusqlite::Error::SqliteFailure(e, _)) => match e.code {
+                C::ConstraintViolation | C::TooBig | C::TypeMismatch => Fault::Permanent,
+                C::DatabaseCorrupt | C::NotADatabase => Fault::Damaged,
+                _ => Fault::Transient,
+            },
+            StoreError::Sql(
+                rusqlite::Error::ToSqlConversionFailure(_)
+                | rusqlite::Error::IntegralValueOutOfRange(..)
+                | rusqlite::Error::InvalidColumnType(..)
+                | rusqlite::Error::FromSqlConversionFailure(..),
+            ) => Fault::Permanent,
+            StoreError::Sql(_) => Fault::Transient,
+        }
+    }
+}
+
 pub struct Store {
     conn: Connection,
     /// Shared by the pipeline's connections: SQLite has one writer at a
@@ -200,8 +239,8 @@ pub struct Rejection {
     #[serde(serialize_with = "hex_digest")]
     pub digest: [u8; 32],
     pub payload_len: u64,
-    /// A stable reason code (docs/PROTOCOL.md §Rejections).
-    pub reason: &'static str,
+    /// Why (docs/PROTOCOL.md §Rejections).
+    pub reason: crate::reason::Reason,
     pub detail: String,
     pub device: Option<String>,
 }
@@ -270,6 +309,19 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA)?;
+        // The schema's version, in the file's header (`PRAGMA user_version`):
+        // 0 is a store from before versions were recorded, whose schema is
+        // version 1; a newer version is refused rather than misread.
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        match version {
+            0 => conn.pragma_update(None, "user_version", SCHEMA_VERSION)?,
+            SCHEMA_VERSION => {}
+            v => {
+                return Err(StoreError::Corrupt(format!(
+                    "schema version {v}; this build reads version {SCHEMA_VERSION} (a newer mqtt-notary wrote it?)"
+                )))
+            }
+        }
         Ok(Store { conn, writer: None })
     }
 
@@ -318,8 +370,8 @@ impl Store {
 
     /// The next unused sequence number.
     pub fn next_seq(&self) -> Result<u64, StoreError> {
-        let max: Option<u64> = self.conn.query_row("SELECT MAX(seq) FROM leaves", [], |r| r.get(0))?;
-        Ok(max.map_or(0, |m| m + 1))
+        let max: Option<U64> = self.conn.query_row("SELECT MAX(seq) FROM leaves", [], |r| r.get(0))?;
+        Ok(max.map_or(0, |m| m.0 + 1))
     }
 
     /// Persists leaves in one transaction (group commit).
@@ -339,28 +391,28 @@ impl Store {
         insert_leaves(&tx, &c.leaves)?;
         for r in &c.registry {
             let e = &r.event;
-            let prev = (e.prev_seq != notary_proof::device::NO_PREV).then_some(e.prev_seq);
+            let prev = (e.prev_seq != notary_proof::device::NO_PREV).then_some(U64(e.prev_seq));
             tx.prepare_cached(
                 "INSERT INTO registry_events (seq, device, action, prev_seq) VALUES (?1, ?2, ?3, ?4)",
             )?
-            .execute(params![r.seq, e.device_id, e.action.as_str(), prev])?;
+            .execute(params![U64(r.seq), e.device_id, e.action.as_str(), prev])?;
             let (key, key_seq) = match e.action {
                 RegistryAction::Revoke => (None, None),
-                _ => (Some(&e.public_key[..]), Some(r.seq)),
+                _ => (Some(&e.public_key[..]), Some(U64(r.seq))),
             };
             tx.prepare_cached(
                 "INSERT INTO devices (id, public_key, key_seq, head_seq) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT(id) DO UPDATE SET public_key = ?2, key_seq = ?3, head_seq = ?4",
             )?
-            .execute(params![e.device_id, key, key_seq, r.seq])?;
+            .execute(params![e.device_id, key, key_seq, U64(r.seq)])?;
             if let Some(id) = r.command {
                 tx.prepare_cached("UPDATE device_commands SET applied_seq = ?2 WHERE id = ?1")?
-                    .execute(params![id, r.seq])?;
+                    .execute(params![id, U64(r.seq)])?;
             }
         }
         for (device, counter) in &c.counters {
             tx.prepare_cached("UPDATE devices SET last_counter = ?2 WHERE id = ?1")?
-                .execute(params![device, counter])?;
+                .execute(params![device, U64(*counter)])?;
         }
         for r in &c.rejections {
             tx.prepare_cached(
@@ -368,11 +420,11 @@ impl Store {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?
             .execute(params![
-                r.received_at_ms,
+                U64(r.received_at_ms),
                 r.topic,
                 &r.digest[..],
-                r.payload_len,
-                r.reason,
+                U64(r.payload_len),
+                r.reason.as_str(),
                 r.detail,
                 r.device
             ])?;
@@ -390,11 +442,24 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare("SELECT id, public_key, key_seq, head_seq, last_counter FROM devices ORDER BY id")?;
-        let rows =
-            stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get(1)?,
+                r.get::<_, Option<U64>>(2)?,
+                r.get::<_, U64>(3)?,
+                r.get::<_, Option<U64>>(4)?,
+            ))
+        })?;
         rows.map(|row| {
             let (id, key, key_seq, head_seq, last_counter) = row?;
-            Ok(DeviceRow { id, public_key: key32(key)?, key_seq, head_seq, last_counter })
+            Ok(DeviceRow {
+                id,
+                public_key: key32(key)?,
+                key_seq: key_seq.map(|v| v.0),
+                head_seq: head_seq.0,
+                last_counter: last_counter.map(|v| v.0),
+            })
         })
         .collect()
     }
@@ -411,7 +476,7 @@ impl Store {
         self.conn.execute(
             "INSERT INTO device_commands (action, device, public_key, source, requested_at_ms)
              VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![action.as_str(), device, public_key.as_ref().map(|k| &k[..]), source, now_ms],
+            params![action.as_str(), device, public_key.as_ref().map(|k| &k[..]), source, U64(now_ms)],
         )?;
         Ok(self.conn.last_insert_rowid())
     }
@@ -434,8 +499,8 @@ impl Store {
                 r.get::<_, String>(2)?,
                 r.get::<_, Option<Vec<u8>>>(3)?,
                 r.get::<_, String>(4)?,
-                r.get::<_, u64>(5)?,
-                r.get::<_, Option<u64>>(6)?,
+                r.get::<_, U64>(5)?.0,
+                r.get::<_, Option<U64>>(6)?.map(|v| v.0),
                 r.get::<_, Option<String>>(7)?,
             ))
         })?;
@@ -468,8 +533,9 @@ impl Store {
             .prepare_cached(
                 "SELECT seq FROM registry_events WHERE device = ?1 AND prev_seq = ?2 AND seq < ?3",
             )?
-            .query_row(params![device, seq, i64::try_from(before_seq).unwrap_or(i64::MAX)], |r| r.get(0))
-            .optional()?)
+            .query_row(params![device, U64(seq), int::bound(before_seq)], |r| r.get::<_, U64>(0))
+            .optional()?
+            .map(|v| v.0))
     }
 
     /// The leaf with this sequence number.
@@ -489,7 +555,14 @@ impl Store {
         )?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = stmt.query_map(params![&digest[..], limit], |r| {
-            Ok((r.get::<_, u64>(0)?, r.get(1)?, r.get(2)?, r.get::<_, String>(3)?, r.get(4)?, r.get(5)?))
+            Ok((
+                r.get::<_, U64>(0)?.0,
+                r.get(1)?,
+                r.get::<_, U64>(2)?.0,
+                r.get::<_, String>(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
         })?;
         rows.map(|row| {
             let (received_at_ms, topic, payload_len, reason, detail, device) = row?;
@@ -498,7 +571,7 @@ impl Store {
                 topic,
                 digest: *digest,
                 payload_len,
-                reason: crate::registry::reason_code(&reason)
+                reason: crate::reason::Reason::from_wire(&reason)
                     .ok_or_else(|| StoreError::Corrupt(format!("unknown rejection reason {reason:?}")))?,
                 detail,
                 device,
@@ -510,7 +583,7 @@ impl Store {
     pub fn record_gap(&self, at_ms: u64, missed: u64, after_seq: u64) -> Result<(), StoreError> {
         self.conn.execute(
             "INSERT INTO gaps (at_ms, missed, after_seq) VALUES (?1, ?2, ?3)",
-            params![at_ms, missed, after_seq],
+            params![U64(at_ms), U64(missed), U64(after_seq)],
         )?;
         Ok(())
     }
@@ -520,7 +593,7 @@ impl Store {
     pub fn record_outage(&self, from_ms: u64, to_ms: u64, after_seq: u64) -> Result<(), StoreError> {
         self.conn.execute(
             "INSERT INTO source_outages (from_ms, to_ms, after_seq) VALUES (?1, ?2, ?3)",
-            params![from_ms, to_ms, after_seq],
+            params![U64(from_ms), U64(to_ms), U64(after_seq)],
         )?;
         Ok(())
     }
@@ -529,7 +602,8 @@ impl Store {
     pub fn outages(&self) -> Result<Vec<(u64, u64, u64)>, StoreError> {
         let mut stmt =
             self.conn.prepare("SELECT from_ms, to_ms, after_seq FROM source_outages ORDER BY id")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, U64>(0)?.0, r.get::<_, U64>(1)?.0, r.get::<_, U64>(2)?.0)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -551,12 +625,11 @@ impl Store {
 
     /// Leaves with `from <= seq < to`, in order.
     pub fn leaves_in(&self, from: u64, to: u64) -> Result<Vec<StoredLeaf>, StoreError> {
-        let to = i64::try_from(to).unwrap_or(i64::MAX);
         let mut stmt = self.conn.prepare_cached(
             "SELECT seq, digest, record FROM leaves WHERE seq >= ?1 AND seq < ?2 ORDER BY seq",
         )?;
-        let rows = stmt.query_map(params![from, to], |r| {
-            Ok((r.get::<_, u64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, Vec<u8>>(2)?))
+        let rows = stmt.query_map(params![int::bound(from), int::bound(to)], |r| {
+            Ok((r.get::<_, U64>(0)?.0, r.get::<_, Vec<u8>>(1)?, r.get::<_, Vec<u8>>(2)?))
         })?;
         rows.map(|row| {
             let (seq, digest, record) = row?;
@@ -578,20 +651,25 @@ impl Store {
             tx.prepare_cached(
                 "INSERT INTO batches (number, first_seq, size, record) VALUES (?1, ?2, ?3, ?4)",
             )?
-            .execute(params![batch.number, batch.first_seq, batch.size, batch.encode()])?;
+            .execute(params![
+                U64(batch.number),
+                U64(batch.first_seq),
+                U64(batch.size),
+                batch.encode()
+            ])?;
             let mut stmt = tx.prepare_cached(
                 "INSERT INTO batch_nodes (batch, level, idx, hash) VALUES (?1, ?2, ?3, ?4)",
             )?;
             for (level, idx, hash) in &s.batch_nodes {
-                stmt.execute(params![batch.number, level, idx, &hash[..]])?;
+                stmt.execute(params![U64(batch.number), level, U64(*idx), &hash[..]])?;
             }
             let mut stmt =
                 tx.prepare_cached("INSERT INTO log_nodes (level, idx, hash) VALUES (?1, ?2, ?3)")?;
             for (level, idx, hash) in &s.log_nodes {
-                stmt.execute(params![level, idx, &hash[..]])?;
+                stmt.execute(params![level, U64(*idx), &hash[..]])?;
             }
             tx.prepare_cached("INSERT INTO checkpoints (size, note) VALUES (?1, ?2)")?
-                .execute(params![batch.number + 1, s.note])?;
+                .execute(params![U64(batch.number.wrapping_add(1)), s.note])?;
         }
         tx.commit()?;
         Ok(())
@@ -608,7 +686,7 @@ impl Store {
         for (size, ledger, receipt) in receipts {
             let json = serde_json::to_string(receipt).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             tx.prepare_cached("INSERT OR REPLACE INTO receipts (size, ledger, receipt) VALUES (?1, ?2, ?3)")?
-                .execute(params![size, ledger, json])?;
+                .execute(params![U64(*size), ledger, json])?;
         }
         tx.commit()?;
         Ok(())
@@ -621,7 +699,7 @@ impl Store {
              WHERE NOT EXISTS (SELECT 1 FROM receipts r WHERE r.size = c.size AND r.ledger = ?1)
              ORDER BY c.size",
         )?;
-        let rows = stmt.query_map([ledger], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let rows = stmt.query_map([ledger], |r| Ok((r.get::<_, U64>(0)?.0, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -631,8 +709,9 @@ impl Store {
             .conn
             .prepare_cached("SELECT seq, record FROM leaves WHERE digest = ?1 ORDER BY seq LIMIT ?2")?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = stmt
-            .query_map(params![&digest[..], limit], |r| Ok((r.get::<_, u64>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
+        let rows = stmt.query_map(params![&digest[..], limit], |r| {
+            Ok((r.get::<_, U64>(0)?.0, r.get::<_, Vec<u8>>(1)?))
+        })?;
         rows.map(|row| {
             let (seq, record) = row?;
             Ok(StoredLeaf { seq, digest: *digest, record })
@@ -647,7 +726,7 @@ impl Store {
             .prepare_cached(
                 "SELECT record FROM batches WHERE first_seq <= ?1 ORDER BY first_seq DESC LIMIT 1",
             )?
-            .query_row([seq], |r| r.get(0))
+            .query_row([int::bound(seq)], |r| r.get(0))
             .optional()?;
         match rec {
             Some(b) => {
@@ -662,7 +741,7 @@ impl Store {
         Ok(self
             .conn
             .prepare_cached("SELECT note FROM checkpoints WHERE size = ?1")?
-            .query_row([size], |r| r.get(0))
+            .query_row([U64(size)], |r| r.get(0))
             .optional()?)
     }
 
@@ -671,7 +750,7 @@ impl Store {
         Ok(self
             .conn
             .query_row("SELECT size, note FROM checkpoints ORDER BY size DESC LIMIT 1", [], |r| {
-                Ok((r.get(0)?, r.get(1)?))
+                Ok((r.get::<_, U64>(0)?.0, r.get(1)?))
             })
             .optional()?)
     }
@@ -679,7 +758,7 @@ impl Store {
     pub fn receipts(&self, size: u64) -> Result<Vec<Receipt>, StoreError> {
         let mut stmt =
             self.conn.prepare_cached("SELECT receipt FROM receipts WHERE size = ?1 ORDER BY ledger")?;
-        let rows = stmt.query_map([size], |r| r.get::<_, String>(0))?;
+        let rows = stmt.query_map([U64(size)], |r| r.get::<_, String>(0))?;
         rows.map(|json| {
             serde_json::from_str(&json?).map_err(|e| StoreError::Corrupt(format!("receipt: {e}")))
         })
@@ -740,7 +819,7 @@ impl NodeSource for Nodes<'_> {
             .0
             .conn
             .prepare_cached("SELECT hash FROM log_nodes WHERE level = ?1 AND idx = ?2")?
-            .query_row(params![level, index], |r| r.get(0))
+            .query_row(params![level, U64(index)], |r| r.get(0))
             .optional()?;
         hash32(hash.ok_or_else(|| StoreError::Corrupt(format!("missing log node {level}/{index}")))?)
     }
@@ -762,7 +841,7 @@ impl NodeSource for BatchNodes<'_> {
                 .store
                 .conn
                 .prepare_cached("SELECT hash FROM batch_nodes WHERE batch = ?1 AND level = ?2 AND idx = ?3")?
-                .query_row(params![self.batch.number, level, index], |r| r.get(0))
+                .query_row(params![U64(self.batch.number), level, U64(index)], |r| r.get(0))
                 .optional()?;
             let missing =
                 || StoreError::Corrupt(format!("missing batch node {}/{level}/{index}", self.batch.number));
@@ -793,7 +872,7 @@ impl NodeSource for BatchNodes<'_> {
 fn insert_leaves(tx: &rusqlite::Transaction<'_>, leaves: &[StoredLeaf]) -> Result<(), StoreError> {
     let mut stmt = tx.prepare_cached("INSERT INTO leaves (seq, digest, record) VALUES (?1, ?2, ?3)")?;
     for l in leaves {
-        stmt.execute(params![l.seq, &l.digest[..], &l.record])?;
+        stmt.execute(params![U64(l.seq), &l.digest[..], &l.record])?;
     }
     Ok(())
 }
@@ -856,6 +935,107 @@ mod tests {
                 );
             }
             seq += size;
+        }
+    }
+
+    /// Every u64 field of leaves, envelopes (counter, device time),
+    /// registry events and batches is stored and read back exactly,
+    /// including the values above i64::MAX that once wedged ingest.
+    #[test]
+    fn every_u64_round_trips_through_the_store() {
+        use notary_proof::{DeviceFields, RegistryAction, RegistryEvent};
+        for v in [0, i64::MAX as u64, 1u64 << 63, u64::MAX] {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let mut store = Store::open(dir.path()).expect("store");
+            let fields =
+                DeviceFields { key_seq: v, counter: v, device_time_ms: v, device_id: "dev-1".into() };
+            let leaf = LeafRecord::device_signed(v, v, "t/u64", &v.to_be_bytes(), &fields).expect("leaf");
+            let record = leaf.encode().expect("encodes");
+            let event = RegistryEvent {
+                action: RegistryAction::Enrol,
+                device_id: "dev-1".into(),
+                public_key: [7; 32],
+                prev_seq: v,
+            };
+            let rejection = Rejection {
+                received_at_ms: v,
+                topic: "t/u64".into(),
+                digest: [v as u8; 32],
+                payload_len: v,
+                reason: crate::reason::Reason::Replay,
+                detail: "d".into(),
+                device: Some("dev-1".into()),
+            };
+            let commit = Commit {
+                leaves: vec![StoredLeaf { seq: v, digest: leaf.payload_digest, record: record.clone() }],
+                registry: vec![RegistryChange { seq: v, event, command: None }],
+                counters: vec![("dev-1".into(), v)],
+                rejections: vec![rejection.clone()],
+                refused: vec![],
+            };
+            store.commit(&commit).expect("commit");
+
+            let back = store.leaves_by_digest(&leaf.payload_digest, 10).expect("leaves");
+            assert_eq!(back.len(), 1, "{v}");
+            assert_eq!(back[0].seq, v);
+            assert_eq!(back[0].record, record);
+            let decoded = LeafRecord::decode(&back[0].record).expect("decodes");
+            assert_eq!((decoded.seq, decoded.received_at_ms), (v, v));
+            let device = store.devices().expect("devices").pop().expect("one device");
+            assert_eq!((device.key_seq, device.head_seq, device.last_counter), (Some(v), v, Some(v)));
+            // NULL stands for NO_PREV (u64::MAX): "no earlier event".
+            let (seq, prev): (U64, Option<U64>) = store
+                .conn
+                .query_row("SELECT seq, prev_seq FROM registry_events", [], |r| Ok((r.get(0)?, r.get(1)?)))
+                .expect("registry event");
+            assert_eq!((seq.0, prev.map_or(notary_proof::device::NO_PREV, |p| p.0)), (v, v));
+            assert_eq!(
+                store.rejections_by_digest(&rejection.digest, 10).expect("rejections"),
+                vec![rejection]
+            );
+            store.record_outage(v, v, v).expect("outage");
+            assert_eq!(store.outages().expect("outages"), vec![(v, v, v)]);
+            store.record_gap(v, v, v).expect("gap");
+
+            // A batch holds at least one leaf, and first_seq + size fits in
+            // a u64: one batch carries v as its number and first sequence
+            // number, another as its size.
+            let batches = [
+                BatchRecord {
+                    number: v,
+                    first_seq: v.min(u64::MAX - 1),
+                    size: 1,
+                    root: [3; 32],
+                    sealed_at_ms: v,
+                },
+                BatchRecord {
+                    number: v ^ 1,
+                    first_seq: u64::from(v == 0),
+                    size: v.max(1),
+                    root: [4; 32],
+                    sealed_at_ms: v,
+                },
+            ];
+            for batch in &batches {
+                let sealed = SealedBatch {
+                    batch: batch.clone(),
+                    batch_nodes: vec![(6, v, [1; 32])],
+                    log_nodes: vec![(0, batch.number, [2; 32])],
+                    note: "n".into(),
+                };
+                store.seal(&[sealed]).expect("seal");
+                let (record, first_seq, size): (Vec<u8>, U64, U64) = store
+                    .conn
+                    .query_row(
+                        "SELECT record, first_seq, size FROM batches WHERE number = ?1",
+                        [U64(batch.number)],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    )
+                    .expect("batch row");
+                assert_eq!(decode_batch(&record).expect("decodes"), *batch, "{v}");
+                assert_eq!((first_seq.0, size.0), (batch.first_seq, batch.size));
+            }
+            assert_eq!(store.log_node(0, v).expect("log node"), [2; 32]);
         }
     }
 

@@ -8,6 +8,7 @@
 //! in its own task under `connection_timeout_ms`. Keep the plain listener on
 //! 127.0.0.1 (the default) to require TLS from the network.
 
+use crate::metrics::Metrics;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
@@ -96,20 +97,46 @@ pub async fn bind(listen: SocketAddr) -> Result<TcpListener, TlsError> {
     TcpListener::bind(listen).await.map_err(|source| TlsError::Bind { addr: listen, source })
 }
 
-/// Accepts TLS clients until the task is dropped, forwarding each to `upstream`.
-pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, upstream: SocketAddr, handshake: Duration) {
+/// Accepts TLS clients until the task is dropped, forwarding each to
+/// `upstream`. At most `max_connections` are open at once (the `[mqtt]`
+/// limit): one more is closed at once and counted, so a flood of TLS
+/// connections cannot exhaust the process's file descriptors.
+pub async fn serve(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    upstream: SocketAddr,
+    handshake: Duration,
+    max_connections: usize,
+    metrics: Arc<Metrics>,
+) {
+    let slots =
+        Arc::new(tokio::sync::Semaphore::new(max_connections.clamp(1, tokio::sync::Semaphore::MAX_PERMITS)));
+    let mut backoff = Duration::ZERO;
     loop {
         let (stream, peer) = match listener.accept().await {
-            Ok(s) => s,
+            Ok(s) => {
+                backoff = Duration::ZERO;
+                s
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "TLS accept failed");
+                Metrics::inc(&metrics.accept_errors_total);
+                if backoff.is_zero() {
+                    tracing::warn!(error = %e, "TLS accept failed; backing off");
+                }
                 // Out of file descriptors and the like: do not spin.
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                backoff = (backoff * 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
+                tokio::time::sleep(backoff).await;
                 continue;
             }
         };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            Metrics::inc(&metrics.tls_connections_refused_total);
+            tracing::debug!(%peer, "TLS connection refused: max_connections are open");
+            continue;
+        };
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             if let Err(why) = forward(stream, acceptor, upstream, handshake).await {
                 tracing::debug!(%peer, %why, "TLS connection ended");
             }

@@ -6,6 +6,7 @@ use crate::support::*;
 use std::io::Read as _;
 use std::net::TcpStream;
 use std::process::Command;
+use std::time::Duration;
 
 #[test]
 fn logins_come_from_a_mosquitto_password_file() {
@@ -117,4 +118,50 @@ fn the_tls_listener_serves_mosquitto_clients_and_a_silent_client_blocks_no_one()
     silent.set_read_timeout(Some(PATIENCE)).expect("timeout");
     let mut buf = [0u8; 1];
     assert_eq!(silent.read(&mut buf).ok(), Some(0), "closed by the listener");
+}
+
+#[test]
+fn tls_connections_beyond_max_connections_are_closed_at_once() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (ca, cert, key) = test_certs(tmp.path());
+    let tls_port = free_port();
+    let config = fast_config(
+        tmp.path(),
+        &format!(
+            "[mqtt]\nmax_connections = 3\nconnection_timeout_ms = 60000\n\
+             [mqtt.tls]\nlisten = \"127.0.0.1:{tls_port}\"\ncert_file = {:?}\nkey_file = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        ),
+    );
+    let n = Notary::start_with(tmp.path(), Some(config));
+    eventually("the TLS listener", || TcpStream::connect(("127.0.0.1", tls_port)).ok());
+    // Three silent clients take every slot (they would hold them for the
+    // 60 s handshake time); the fourth is closed by the listener at once.
+    let held: Vec<TcpStream> =
+        (0..3).map(|_| TcpStream::connect(("127.0.0.1", tls_port)).expect("connect")).collect();
+    let mut extra = eventually("a connection past the cap to be refused", || {
+        let mut s = TcpStream::connect(("127.0.0.1", tls_port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+        let mut buf = [0u8; 1];
+        // A refused one is closed (end of stream); one that got a slot
+        // (the probe's was not yet freed) times out: try again.
+        matches!(s.read(&mut buf), Ok(0)).then_some(s)
+    });
+    assert!(n.metric("tls_connections_refused_total") >= 1);
+    let mut buf = [0u8; 1];
+    assert_eq!(extra.read(&mut buf).ok(), Some(0));
+    drop(held);
+    // With the slots free again, TLS clients are served.
+    let cafile = ca.to_str().expect("utf-8");
+    let out = eventually("a TLS publish once slots are free", || {
+        let out = Command::new("mosquitto_pub")
+            .args(["-h", "localhost", "-p", &tls_port.to_string(), "--cafile", cafile])
+            .args(["-t", "t/tls-cap", "-q", "1", "-m", "after the cap"])
+            .output()
+            .expect("mosquitto_pub");
+        out.status.success().then_some(out)
+    });
+    assert!(out.status.success());
+    n.wait_proof(b"after the cap");
 }

@@ -9,6 +9,7 @@ mod compose;
 mod devices;
 mod evm;
 mod notarize;
+mod resilience;
 mod restart;
 mod sidecar;
 mod support;

@@ -78,6 +78,8 @@ pub struct Notary {
     pub upstream: Option<String>,
     /// Extra environment for the process.
     pub env: Vec<(String, String)>,
+    /// Extra command-line arguments (e.g. `--new-log`).
+    pub extra_args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -102,6 +104,7 @@ impl Notary {
             config,
             upstream: None,
             env: Vec::new(),
+            extra_args: Vec::new(),
             child: None,
         };
         n.spawn();
@@ -133,6 +136,7 @@ impl Notary {
             config: Some(config),
             upstream: Some(url.to_owned()),
             env,
+            extra_args: Vec::new(),
             child: None,
         };
         n.spawn();
@@ -154,6 +158,7 @@ impl Notary {
         if let Some(c) = &self.config {
             cmd.arg("--config").arg(c);
         }
+        cmd.args(&self.extra_args);
         cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let child = cmd.stdout(Stdio::null()).stderr(log).spawn().expect("start mqtt-notary");
         self.child = Some(child);
@@ -213,6 +218,23 @@ impl Notary {
         let status = child.wait().expect("wait");
         self.child = None;
         assert!(status.success(), "unclean shutdown: {status}\n{}", self.log());
+    }
+
+    /// SIGTERM; waits for the process to end (never longer than
+    /// `PATIENCE`) and returns its exit code.
+    pub fn terminate(&mut self) -> i32 {
+        let child = self.child.as_mut().expect("running");
+        let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+        assert!(ok.success());
+        let status = eventually("mqtt-notary to exit after SIGTERM", || child.try_wait().ok().flatten());
+        self.child = None;
+        code(status)
+    }
+
+    /// `/healthz`: (status, parsed body).
+    pub fn health(&self) -> (u16, serde_json::Value) {
+        let (status, body) = self.get("/healthz");
+        (status, serde_json::from_str(&body).unwrap_or(serde_json::Value::Null))
     }
 
     /// SIGKILL: a crash.
@@ -305,6 +327,58 @@ impl Drop for BackgroundPublisher {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+impl Notary {
+    /// `mqtt-notary run` on an existing data directory, with extra arguments.
+    pub fn start_in(dir: PathBuf, extra_args: &[&str]) -> Notary {
+        let mut n = Notary {
+            dir,
+            mqtt: free_port(),
+            http: free_port(),
+            config: None,
+            upstream: None,
+            env: Vec::new(),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            child: None,
+        };
+        n.spawn();
+        n
+    }
+
+    /// Publishes `payload` (QoS 1) and waits for its proof; returns the bundles.
+    pub fn notarize(&self, topic: &str, payload: &[u8]) -> String {
+        let out = publish(self.mqtt, topic, payload, &[]);
+        assert!(out.status.success(), "publish: {}", String::from_utf8_lossy(&out.stderr));
+        self.wait_proof(payload)
+    }
+}
+
+/// `mqtt-notary run` on the data directory `dir` with `extra` arguments,
+/// expected to refuse to start: (exit code, what it logged).
+pub fn run_refused(dir: &Path, extra: &[&str]) -> (i32, String) {
+    let mut child = Command::new(BIN)
+        .arg("run")
+        .arg("--data-dir")
+        .arg(dir)
+        .args([
+            "--mqtt",
+            &format!("127.0.0.1:{}", free_port()),
+            "--http",
+            &format!("127.0.0.1:{}", free_port()),
+        ])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start mqtt-notary");
+    let status = eventually("mqtt-notary to refuse and exit", || child.try_wait().ok().flatten());
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use std::io::Read as _;
+        let _ = e.read_to_string(&mut err);
+    }
+    (code(status), err)
 }
 
 /// One `mosquitto_pub` of one message; returns its output.

@@ -11,7 +11,7 @@
 //! transaction moves it back to `sent` (it is broadcast again) and counts
 //! in `reorgs`.
 
-use super::{hash32, Store, StoreError};
+use super::{hash32, int, Store, StoreError, U64};
 use notary_proof::{Hash, Receipt};
 use rusqlite::{params, OptionalExtension, Row};
 
@@ -75,16 +75,16 @@ fn row(r: &Row<'_>) -> rusqlite::Result<(EvmAnchorRow, String, Option<String>, V
     Ok((
         EvmAnchorRow {
             id: r.get(0)?,
-            size: r.get(1)?,
-            chain_id: r.get(2)?,
-            nonce: r.get(3)?,
+            size: r.get::<_, U64>(1)?.0,
+            chain_id: r.get::<_, U64>(2)?.0,
+            nonce: r.get::<_, U64>(3)?.0,
             tx_hash: [0; 32],
             raw_tx: r.get(5)?,
             state: EvmAnchorState::Abandoned,
             receipt: None,
-            created_at_ms: r.get(8)?,
-            updated_at_ms: r.get(9)?,
-            reorgs: r.get(10)?,
+            created_at_ms: r.get::<_, U64>(8)?.0,
+            updated_at_ms: r.get::<_, U64>(9)?.0,
+            reorgs: r.get::<_, U64>(10)?.0,
             outcome: r.get(11)?,
         },
         r.get(6)?,
@@ -130,7 +130,7 @@ impl Store {
              ON CONFLICT(tx_hash) DO UPDATE SET state = 'signed', receipt = NULL, outcome = NULL,
                  created_at_ms = ?6, updated_at_ms = ?6
              RETURNING id",
-            params![size, chain_id, nonce, &tx_hash[..], raw_tx, now_ms],
+            params![U64(size), U64(chain_id), U64(nonce), &tx_hash[..], raw_tx, U64(now_ms)],
             |r| r.get(0),
         )?;
         Ok(id)
@@ -152,21 +152,21 @@ impl Store {
         self.conn.execute(
             "UPDATE evm_anchors SET state = ?2, receipt = ?3, reorgs = reorgs + ?4,
                  outcome = COALESCE(?5, outcome), updated_at_ms = ?6 WHERE id = ?1",
-            params![id, state.as_str(), receipt, u64::from(reorged), outcome, now_ms],
+            params![id, state.as_str(), receipt, i64::from(reorged), outcome, U64(now_ms)],
         )?;
         Ok(())
     }
 
     /// Transactions of `chain_id` still on their way: signed, sent or mined.
     pub fn evm_in_flight(&self, chain_id: u64) -> Result<Vec<EvmAnchorRow>, StoreError> {
-        self.evm_rows("chain_id = ?1 AND state IN ('signed', 'sent', 'mined') ORDER BY id", [chain_id])
+        self.evm_rows("chain_id = ?1 AND state IN ('signed', 'sent', 'mined') ORDER BY id", [U64(chain_id)])
     }
 
     /// Final transactions of `chain_id` created since `since_ms`, newest first.
     pub fn evm_final_since(&self, chain_id: u64, since_ms: u64) -> Result<Vec<EvmAnchorRow>, StoreError> {
         self.evm_rows(
             "chain_id = ?1 AND state = 'final' AND created_at_ms >= ?2 ORDER BY id DESC",
-            params![chain_id, since_ms],
+            params![U64(chain_id), int::bound(since_ms)],
         )
     }
 
@@ -178,7 +178,9 @@ impl Store {
 
     /// The newest final transaction of `chain_id`.
     pub fn evm_newest_final(&self, chain_id: u64) -> Result<Option<EvmAnchorRow>, StoreError> {
-        Ok(self.evm_rows("chain_id = ?1 AND state = 'final' ORDER BY id DESC LIMIT 1", [chain_id])?.pop())
+        Ok(self
+            .evm_rows("chain_id = ?1 AND state = 'final' ORDER BY id DESC LIMIT 1", [U64(chain_id)])?
+            .pop())
     }
 
     /// Every transaction, oldest first (for operators and tests).
@@ -190,7 +192,7 @@ impl Store {
     /// last anchor was made and the largest checkpoint anchored or on its way.
     pub fn evm_latest_live(&self, chain_id: u64) -> Result<Option<EvmAnchorRow>, StoreError> {
         Ok(self
-            .evm_rows("chain_id = ?1 AND state != 'abandoned' ORDER BY id DESC LIMIT 1", [chain_id])?
+            .evm_rows("chain_id = ?1 AND state != 'abandoned' ORDER BY id DESC LIMIT 1", [U64(chain_id)])?
             .pop())
     }
 
@@ -204,7 +206,7 @@ impl Store {
                     "SELECT size, receipt FROM evm_anchors
                      WHERE state = ?1 AND size >= ?2 AND receipt IS NOT NULL ORDER BY size, id LIMIT 1",
                 )?
-                .query_row(params![state, size], |r| Ok((r.get(0)?, r.get(1)?)))
+                .query_row(params![state, int::bound(size)], |r| Ok((r.get::<_, U64>(0)?.0, r.get(1)?)))
                 .optional()?;
             if let Some((at, json)) = found {
                 let receipt = serde_json::from_str(&json)
