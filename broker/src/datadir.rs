@@ -100,6 +100,9 @@ fn nonempty(path: &Path) -> bool {
 
 /// What is wrong with an SQLite file's header or length, if anything. A
 /// missing or empty file is not damage (SQLite treats it as a new database).
+/// The length is checked only without a write-ahead log beside the file: a
+/// crash during a WAL checkpoint can leave the file shorter than its new
+/// header says, and SQLite repairs that from the WAL when it opens.
 pub fn sqlite_file_damage(path: &Path) -> Option<String> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
@@ -123,18 +126,23 @@ pub fn sqlite_file_damage(path: &Path) -> Option<String> {
     // The header's page count is valid when its change counter matches
     // the "version-valid-for" number (SQLite file format §1.3.7).
     let pages = u64::from(u32::from_be_bytes([header[28], header[29], header[30], header[31]]));
-    if header[24..28] == header[92..96] && (bytes.len() as u64) < pages * page_size {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    let no_wal = !nonempty(Path::new(&wal));
+    if no_wal && header[24..28] == header[92..96] && (bytes.len() as u64) < pages * page_size {
         return Some(format!("truncated: {} bytes where its header says {}", bytes.len(), pages * page_size));
     }
     None
 }
 
-fn read_only(path: &Path) -> rusqlite::Result<Connection> {
-    Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+/// Opens an existing file without creating one. Read-write: after a crash
+/// SQLite must be able to recover the write-ahead log; nothing is written.
+fn existing(path: &Path) -> rusqlite::Result<Connection> {
+    Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
 }
 
 fn quick_check(path: &Path) -> Result<(), String> {
-    let conn = read_only(path).map_err(|e| e.to_string())?;
+    let conn = existing(path).map_err(|e| e.to_string())?;
     let answer: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).map_err(|e| e.to_string())?;
     if answer == "ok" {
         Ok(())
@@ -145,7 +153,7 @@ fn quick_check(path: &Path) -> Result<(), String> {
 
 /// The ledger index of the newest local receipt the store holds.
 fn newest_local_receipt(store: &Path) -> Result<Option<u64>, String> {
-    let conn = read_only(store).map_err(|e| e.to_string())?;
+    let conn = existing(store).map_err(|e| e.to_string())?;
     let has_table: bool = conn
         .query_row("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'receipts'", [], |_| Ok(true))
         .optional()
@@ -173,7 +181,7 @@ fn newest_local_receipt(store: &Path) -> Result<Option<u64>, String> {
 
 /// The index of the ledger's newest entry.
 fn ledger_head(ledger: &Path) -> Result<Option<u64>, String> {
-    let conn = read_only(ledger).map_err(|e| e.to_string())?;
+    let conn = existing(ledger).map_err(|e| e.to_string())?;
     conn.query_row("SELECT MAX(idx) FROM ledger_entries", [], |r| r.get::<_, Option<i64>>(0))
         .map(|v| v.and_then(|i| u64::try_from(i).ok()))
         .map_err(|e| e.to_string())

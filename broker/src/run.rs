@@ -69,15 +69,48 @@ pub fn main(
 /// Logs go to stderr; `RUST_LOG` overrides the default filter. rumqttd logs
 /// every connection at INFO, so it is held to WARN by default, and its router
 /// logs a spurious ERROR at every normal disconnect, so that module is off.
+/// Its per-connection task also logs at ERROR every CONNECT that fails (a
+/// bare TCP probe of the port, a client that resets) and every connection
+/// that ends abruptly (rumqttd 0.20.0, `src/server/broker.rs` lines 512 and
+/// 566): noise for ERROR-based alerting, so by default those two are
+/// dropped too; `RUST_LOG=rumqttd=debug` shows everything. And rumqttd's
+/// accept loop logs a failed accept (out of file descriptors) and retries
+/// at once (line 398), which once wrote gigabytes of log in seconds: at
+/// most one such line per 10 s is kept.
 fn init_tracing() {
     use std::io::IsTerminal as _;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let from_env = tracing_subscriber::EnvFilter::try_from_default_env().ok();
+    let quiet = from_env.is_none();
+    let filter = from_env.unwrap_or_else(|| {
         tracing_subscriber::EnvFilter::new("info,rumqttd=warn,rumqttd::router::routing=off")
+    });
+    let last_accept_error = std::sync::atomic::AtomicU64::new(0);
+    let per_connection_noise = tracing_subscriber::filter::dynamic_filter_fn(move |m, _| {
+        if m.target() != "rumqttd::server::broker" {
+            return true;
+        }
+        match m.line() {
+            Some(512 | 566) => !quiet,
+            Some(398) => {
+                let now = notary_plugin::source::now_ms();
+                let last = last_accept_error.load(std::sync::atomic::Ordering::Relaxed);
+                let due = now >= last + 10_000;
+                if due {
+                    last_accept_error.store(now, std::sync::atomic::Ordering::Relaxed);
+                }
+                due
+            }
+            _ => true,
+        }
     });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
+        .finish()
+        .with(per_connection_noise)
         .init();
 }
 

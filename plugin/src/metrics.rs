@@ -72,6 +72,7 @@ metrics! {
     source_connected: "gauge", "Sidecar: 1 while connected to the upstream broker.";
     source_disconnects_total: "counter", "Sidecar: times the connection to the upstream broker was lost.";
     source_outages_total: "counter", "Sidecar: windows without a connection (lost, or not running), recorded in the store.";
+    source_stalls_total: "counter", "Sidecar: times the upstream broker stopped delivering while it owed messages (the sidecar reconnected).";
     source_disconnected_ms_total: "counter", "Sidecar: milliseconds of those windows (QoS 0 messages then are not notarized).";
     evm_anchors_signed_total: "counter", "EVM anchoring transactions signed (one per new anchor).";
     evm_anchors_final_total: "counter", "EVM anchors that reached the configured confirmations.";

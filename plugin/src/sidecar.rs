@@ -12,11 +12,31 @@
 //! after a reconnect may be notarized twice (two leaves, both provable).
 //! QoS 0 messages published while the sidecar is disconnected never reach
 //! it: every disconnected window is logged, counted and exposed.
+//!
+//! Nudge and probe: Mosquitto 2.0.11 (Debian's) moves messages it queued
+//! for a client into flight when a new message for that client arrives,
+//! but not reliably when the client acknowledges one, and after a session
+//! resumed under load it was seen to stop delivering altogether. A sidecar
+//! that acknowledges in batches after each commit (as it must) then got a
+//! backlog at one in-flight window per new message (measured: 120
+//! messages/s with 20 in flight), or not at all. Two messages to topics
+//! under `$notary/sidecar/<client id>/`, which only the sidecar subscribes
+//! to (`$` topics, so `#` subscribers never see them), keep it flowing:
+//! - after each batch of acknowledgements, an empty QoS 0 `nudge`, whose
+//!   arrival makes the broker refill the sidecar's in-flight window;
+//! - at most one QoS 1 `probe` outstanding, sent at least every second: it
+//!   comes back only through the same window as the messages owed. If it
+//!   has not come back and nothing else has arrived for
+//!   [`PROBE_TIMEOUT_MS`], while the sidecar itself holds nothing
+//!   unacknowledged, the broker is owing and not delivering: the stall is
+//!   logged, counted (`notary_source_stalls_total`), shown in `/healthz`
+//!   (`source`), and the sidecar reconnects, which makes the broker resend.
 
+use crate::health::Part;
 use crate::metrics::Metrics;
 use crate::source::{now_ms, Message, Outbox, Sink};
 use rumqttc::{Client, Event, MqttOptions, Packet, Publish, QoS, SubscribeFilter, SubscribeReasonCode};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -79,6 +99,11 @@ impl Outbox for Outgoing {
     }
 }
 
+/// The root of the sidecar's own nudge and probe topics (module docs).
+pub fn own_topics(client_id: &str) -> String {
+    format!("$notary/sidecar/{}", client_id.replace(['+', '#', '/'], "-"))
+}
+
 /// The filters to subscribe: the topics, shared in a group, and then the
 /// proof requests for every member.
 pub fn subscriptions(topics: &[String], group: Option<&str>) -> Vec<String> {
@@ -92,10 +117,86 @@ pub fn subscriptions(topics: &[String], group: Option<&str>) -> Vec<String> {
     }
 }
 
+/// How long a probe may stay away, with nothing else arriving and nothing
+/// unacknowledged, before the broker is taken to have stalled.
+pub const PROBE_TIMEOUT_MS: u64 = 5_000;
+/// A probe is sent at least this often.
+const PROBE_EVERY_MS: u64 = 1_000;
+
+/// The nudge and the probe (see the module docs).
+struct Probe {
+    nudge_topic: String,
+    probe_topic: String,
+    /// When the outstanding probe was sent; 0: none outstanding.
+    sent_ms: AtomicU64,
+    /// When the last probe was sent.
+    last_sent_ms: AtomicU64,
+    /// When the last QoS 1 message (of any topic) arrived.
+    last_rx_ms: AtomicU64,
+    /// QoS 1 messages received and not yet acknowledged upstream.
+    unacked: AtomicU64,
+    /// A stall is reported in `/healthz` until the next message arrives.
+    reported: std::sync::atomic::AtomicBool,
+}
+
+impl Probe {
+    fn new(client_id: &str) -> Self {
+        let base = own_topics(client_id);
+        Probe {
+            nudge_topic: format!("{base}/nudge"),
+            probe_topic: format!("{base}/probe"),
+            sent_ms: AtomicU64::new(0),
+            last_sent_ms: AtomicU64::new(0),
+            last_rx_ms: AtomicU64::new(now_ms()),
+            unacked: AtomicU64::new(0),
+            reported: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Sends a probe unless one is outstanding or one was sent recently.
+    fn maybe_send(&self, client: &Client, now: u64) {
+        if self.sent_ms.load(Relaxed) != 0 || now < self.last_sent_ms.load(Relaxed) + PROBE_EVERY_MS {
+            return;
+        }
+        if client.try_publish(self.probe_topic.clone(), QoS::AtLeastOnce, false, Vec::new()).is_ok() {
+            self.sent_ms.store(now, Relaxed);
+            self.last_sent_ms.store(now, Relaxed);
+        }
+    }
+
+    /// A QoS 1 message arrived; `echo` if it is our probe.
+    fn received(&self, echo: bool, metrics: &Metrics) {
+        self.last_rx_ms.store(now_ms(), Relaxed);
+        if echo {
+            self.sent_ms.store(0, Relaxed);
+        }
+        if self.reported.swap(false, Relaxed) {
+            metrics.health.recovered(Part::Source);
+        }
+    }
+
+    /// Whether the broker has stalled: a probe outstanding and nothing
+    /// received for PROBE_TIMEOUT_MS, with nothing of ours unacknowledged.
+    fn stalled(&self, now: u64) -> bool {
+        let sent = self.sent_ms.load(Relaxed);
+        sent != 0
+            && now >= sent + PROBE_TIMEOUT_MS
+            && now >= self.last_rx_ms.load(Relaxed) + PROBE_TIMEOUT_MS
+            && self.unacked.load(Relaxed) == 0
+    }
+
+    /// Forgets the outstanding probe (a new connection).
+    fn reset(&self) {
+        self.sent_ms.store(0, Relaxed);
+        self.last_rx_ms.store(now_ms(), Relaxed);
+    }
+}
+
 /// QoS 1 publishes delivered to the pipeline and not yet acknowledged.
 struct Acks {
     client: Client,
     waiting: Mutex<Vec<Publish>>,
+    probe: Arc<Probe>,
 }
 
 impl Acks {
@@ -107,17 +208,21 @@ impl Acks {
             _ => return,
         };
         let client = self.client.clone();
+        let probe = self.probe.clone();
         let done = Box::new(move || {
             for p in &batch {
                 // A full request queue only delays the acknowledgement: the
                 // broker redelivers at the next connection.
                 let _ = client.try_ack(p);
             }
+            probe.unacked.fetch_sub(batch.len() as u64, Relaxed);
+            let _ = client.try_publish(probe.nudge_topic.clone(), QoS::AtMostOnce, false, Vec::new());
         });
         let _ = sink.after_commit(done);
     }
 
     fn push(&self, p: Publish) -> usize {
+        self.probe.unacked.fetch_add(1, Relaxed);
         match self.waiting.lock() {
             Ok(mut w) => {
                 w.push(p);
@@ -149,11 +254,14 @@ pub fn start(
         )));
     }
     let (client, mut connection) = Client::new(opts, OUTBOX_CAPACITY);
-    let acks = Arc::new(Acks { client: client.clone(), waiting: Mutex::new(Vec::new()) });
+    let probe = Arc::new(Probe::new(&s.client_id));
+    let acks =
+        Arc::new(Acks { client: client.clone(), waiting: Mutex::new(Vec::new()), probe: probe.clone() });
 
     // The ticker: acknowledges what waits, so a slow trickle is not held,
     // and notes that the sidecar is alive and connected.
     let (ticker_acks, ticker_sink, ticker_metrics) = (acks.clone(), sink.clone(), metrics.clone());
+    let (ticker_probe, ticker_client) = (probe.clone(), client.clone());
     let alive_file = s.alive_file.clone();
     std::thread::Builder::new().name("notary-sidecar-acks".into()).spawn(move || {
         let mut last_alive = 0;
@@ -161,6 +269,24 @@ pub fn start(
             std::thread::sleep(ACK_EVERY);
             ticker_acks.flush(&*ticker_sink);
             let now = now_ms();
+            if ticker_metrics.source_connected.load(Relaxed) == 1 {
+                if ticker_probe.stalled(now) {
+                    Metrics::inc(&ticker_metrics.source_stalls_total);
+                    ticker_metrics.health.failing(
+                        Part::Source,
+                        "the upstream broker stopped delivering while it owed messages; reconnecting",
+                    );
+                    tracing::warn!(
+                        timeout_ms = PROBE_TIMEOUT_MS,
+                        "the upstream broker stopped delivering (the probe did not come back); reconnecting"
+                    );
+                    ticker_probe.reset();
+                    ticker_probe.reported.store(true, Relaxed);
+                    let _ = ticker_client.try_disconnect();
+                } else {
+                    ticker_probe.maybe_send(&ticker_client, now);
+                }
+            }
             if ticker_metrics.source_connected.load(Relaxed) == 1 && now >= last_alive + ALIVE_EVERY_MS {
                 if let Err(e) = std::fs::write(&alive_file, now.to_string()) {
                     tracing::warn!(file = %alive_file.display(), error = %e, "cannot note that the sidecar is alive");
@@ -175,6 +301,7 @@ pub fn start(
 
     let mut settings = s.clone();
     settings.topics = subscriptions(&s.topics, s.group.as_deref());
+    settings.topics.push(format!("{}/+", own_topics(&s.client_id)));
     let sub_client = client.clone();
     std::thread::Builder::new().name("notary-sidecar".into()).spawn(move || {
         let mut retry_ms = 0u64;
@@ -184,6 +311,7 @@ pub fn start(
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     retry_ms = 0;
+                    probe.reset();
                     tracing::info!(
                         broker = %format!("{}:{}", settings.host, settings.port),
                         session_present = ack.session_present,
@@ -208,7 +336,18 @@ pub fn start(
                     }
                     tracing::info!(topics = ?settings.topics, "subscribed; notarizing");
                 }
+                Ok(Event::Incoming(Packet::Publish(p))) if p.topic == probe.nudge_topic => {}
+                Ok(Event::Incoming(Packet::Publish(p))) if p.topic == probe.probe_topic => {
+                    probe.received(true, &metrics);
+                    if p.qos != QoS::AtMostOnce {
+                        // Acknowledged like any message, never notarized.
+                        acks.push(p);
+                    }
+                }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if p.qos != QoS::AtMostOnce {
+                        probe.received(false, &metrics);
+                    }
                     let topic = p.topic.clone();
                     let msg = Message { topic, payload: p.payload.to_vec(), received_at_ms: now_ms() };
                     if sink.deliver(msg).is_err() {
@@ -232,6 +371,7 @@ pub fn start(
                     }
                     // Unacknowledged QoS 1 messages will be redelivered.
                     if let Ok(mut w) = acks.waiting.lock() {
+                        probe.unacked.fetch_sub(w.len() as u64, Relaxed);
                         w.clear();
                     }
                     retry_ms = (retry_ms * 2).clamp(100, settings.max_retry_ms.max(100));

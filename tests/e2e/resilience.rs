@@ -262,3 +262,111 @@ fn half_open_http_connections_leave_mqtt_and_http_serving() {
     }
     assert_eq!(n.health().0, 200);
 }
+
+/// A small tmpfs mounted for one test, unmounted when dropped.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(at: &Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(at).expect("mount point");
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "this test mounts a small tmpfs and needs root: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallDisk(at.to_owned())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Fills the file system holding `dir` with one file, until it is full.
+fn fill(dir: &Path) -> std::path::PathBuf {
+    use std::io::Write as _;
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).expect("filler");
+    let chunk = vec![0u8; 64 * 1024];
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.sync_all();
+    path
+}
+
+#[test]
+fn a_full_disk_turns_healthz_503_and_nothing_taken_is_lost_when_space_returns() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let disk = SmallDisk::mount(&tmp.path().join("small"), "16m");
+    // The data directory on the small disk, the log beside it on the big one.
+    std::fs::create_dir_all(disk.0.join("data")).expect("data dir");
+    std::os::unix::fs::symlink(disk.0.join("data"), tmp.path().join("data")).expect("symlink");
+    let config = fast_config(tmp.path(), "[ingest]\nstall_ms = 300\n");
+    let n = Notary::start_with(tmp.path(), Some(config));
+    n.notarize("disk/t", b"before the disk filled up");
+
+    let filler = fill(&disk.0);
+    let lines: Vec<String> = (0..300).map(|i| format!("{i:04}:{}", "x".repeat(4000))).collect();
+    publish_lines(n.mqtt, "disk/t", 1, &lines);
+    let p =
+        eventually("/healthz to report the full disk", || problems(&n).filter(|p| p["ingest"].is_string()));
+    assert!(p["ingest"].as_str().unwrap_or("").contains("full"), "{p}");
+    assert!(n.metric("persist_failures_total") >= 1);
+
+    std::fs::remove_file(filler).expect("free the space");
+    for l in &lines {
+        n.wait_proof(l.as_bytes());
+    }
+    eventually("/healthz to be ok again", || (n.health().0 == 200).then_some(()));
+    drop(n);
+    drop(disk);
+}
+
+/// Bare TCP probes of the MQTT port (load balancers, port scanners, our own
+/// readiness check), garbage and normal disconnects are not errors: nothing
+/// is logged at ERROR, so ERROR-based alerting stays quiet.
+#[test]
+fn port_probes_and_normal_disconnects_log_nothing_at_error() {
+    use std::io::Write as _;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let n = Notary::start(tmp.path());
+    for _ in 0..5 {
+        drop(std::net::TcpStream::connect(("127.0.0.1", n.mqtt)).expect("connect"));
+    }
+    let mut garbage = std::net::TcpStream::connect(("127.0.0.1", n.mqtt)).expect("connect");
+    garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").expect("write");
+    drop(garbage);
+    n.notarize("probe/t", b"after the probes");
+    n.notarize("probe/t", b"and a second client");
+    let log = n.log();
+    assert!(!log.contains(" ERROR "), "{log}");
+}
+
+/// Out of file descriptors, rumqttd's accept loop fails and retries at
+/// once; its log line is kept to one per 10 s (it once wrote gigabytes in
+/// seconds), and once descriptors are free again MQTT and HTTP serve.
+#[test]
+fn running_out_of_file_descriptors_floods_no_log_and_service_resumes() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let config = fast_config(tmp.path(), "[mqtt]\nconnection_timeout_ms = 1000\n");
+    let n = Notary::start_limited(tmp.path(), config, 128);
+    let hold: Vec<std::net::TcpStream> =
+        (0..200).map(|_| std::net::TcpStream::connect(("127.0.0.1", n.mqtt)).expect("connect")).collect();
+    eventually("accepts to fail for lack of descriptors", || {
+        n.log().contains("Unable to accept socket").then_some(())
+    });
+    drop(hold);
+    n.notarize("fds/t", b"served again");
+    let failures = n.log().matches("Unable to accept socket").count();
+    assert!(
+        failures <= 3,
+        "{failures} accept-error lines:\n{}",
+        n.log().chars().take(2000).collect::<String>()
+    );
+}

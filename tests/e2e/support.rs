@@ -80,6 +80,8 @@ pub struct Notary {
     pub env: Vec<(String, String)>,
     /// Extra command-line arguments (e.g. `--new-log`).
     pub extra_args: Vec<String>,
+    /// Run under this open-file limit (`prlimit --nofile`).
+    pub fd_limit: Option<u32>,
     child: Option<Child>,
 }
 
@@ -105,6 +107,7 @@ impl Notary {
             upstream: None,
             env: Vec::new(),
             extra_args: Vec::new(),
+            fd_limit: None,
             child: None,
         };
         n.spawn();
@@ -137,6 +140,7 @@ impl Notary {
             upstream: Some(url.to_owned()),
             env,
             extra_args: Vec::new(),
+            fd_limit: None,
             child: None,
         };
         n.spawn();
@@ -149,7 +153,14 @@ impl Notary {
             .append(true)
             .open(self.dir.with_extension("log"))
             .expect("log file");
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match self.fd_limit {
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
         match &self.upstream {
             None => cmd.arg("run").args(["--mqtt", &format!("127.0.0.1:{}", self.mqtt)]),
             Some(url) => cmd.args(["sidecar", "--broker", url]),
@@ -330,6 +341,23 @@ impl Drop for BackgroundPublisher {
 }
 
 impl Notary {
+    /// `mqtt-notary run` with a config file, under an open-file limit.
+    pub fn start_limited(dir: &Path, config: PathBuf, fd_limit: u32) -> Notary {
+        let mut n = Notary {
+            dir: dir.join("data"),
+            mqtt: free_port(),
+            http: free_port(),
+            config: Some(config),
+            upstream: None,
+            env: Vec::new(),
+            extra_args: Vec::new(),
+            fd_limit: Some(fd_limit),
+            child: None,
+        };
+        n.spawn();
+        n
+    }
+
     /// `mqtt-notary run` on an existing data directory, with extra arguments.
     pub fn start_in(dir: PathBuf, extra_args: &[&str]) -> Notary {
         let mut n = Notary {
@@ -340,6 +368,7 @@ impl Notary {
             upstream: None,
             env: Vec::new(),
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            fd_limit: None,
             child: None,
         };
         n.spawn();
@@ -721,6 +750,14 @@ pub fn hex_u64(v: &serde_json::Value) -> u64 {
 pub struct Process(Option<Child>);
 
 impl Process {
+    /// Sends a signal (e.g. `STOP`, `CONT`) to the running process.
+    pub fn signal(&self, name: &str) {
+        let child = self.0.as_ref().expect("running");
+        let ok =
+            Command::new("kill").args([&format!("-{name}"), &child.id().to_string()]).status().expect("kill");
+        assert!(ok.success(), "kill -{name}");
+    }
+
     /// SIGTERM, and waits for it to exit.
     pub fn terminate(&mut self) {
         let mut child = self.0.take().expect("running");
@@ -743,7 +780,7 @@ impl Drop for Process {
 /// unlimited queues for offline persistent sessions, as the README tells
 /// operators to configure it for a sidecar.
 pub struct Mosquitto {
-    child: Process,
+    pub child: Process,
     pub port: u16,
     conf: PathBuf,
     _dir: tempfile::TempDir,
