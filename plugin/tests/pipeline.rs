@@ -64,6 +64,18 @@ fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// Small batches, sealed within 20 ms; problems reported at once.
+fn config(dir: &std::path::Path) -> PipelineConfig {
+    PipelineConfig {
+        data_dir: dir.to_owned(),
+        policy: BatchPolicy { max_batch_size: 4, max_batch_age_ms: 20 },
+        devices: DevicePolicy::default(),
+        evm: None,
+        answer_only_holders: false,
+        stall_ms: 0,
+    }
+}
+
 fn message(i: usize) -> Message {
     Message { topic: "t/pipeline".into(), payload: format!("message {i}").into_bytes(), received_at_ms: 1 }
 }
@@ -80,14 +92,7 @@ fn anchoring_faults_lose_nothing_and_anchor_each_checkpoint_once() {
         mode: AtomicU8::new(NOT_SAVED),
         calls: AtomicUsize::new(0),
     });
-    let cfg = PipelineConfig {
-        data_dir: dir.path().to_owned(),
-        policy: BatchPolicy { max_batch_size: 4, max_batch_age_ms: 20 },
-        devices: DevicePolicy::default(),
-        evm: None,
-        answer_only_holders: false,
-        stall_ms: 0,
-    };
+    let cfg = config(dir.path());
     let signer = NoteSigner::new("test/pipeline", [9; 32]).expect("signer");
     let (intake, inlets) = notary_plugin::inlets(64);
     let pipeline =
@@ -140,14 +145,7 @@ fn anchoring_faults_lose_nothing_and_anchor_each_checkpoint_once() {
 #[test]
 fn a_stopped_pipeline_thread_is_reported_and_shutdown_is_bounded() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let cfg = PipelineConfig {
-        data_dir: dir.path().to_owned(),
-        policy: BatchPolicy { max_batch_size: 4, max_batch_age_ms: 20 },
-        devices: DevicePolicy::default(),
-        evm: None,
-        answer_only_holders: false,
-        stall_ms: 0,
-    };
+    let cfg = config(dir.path());
     let ledger = Arc::new(LocalLedger::open(&dir.path().join("ledger.sqlite")).expect("ledger"));
     let signer = NoteSigner::new("test/pipeline", [9; 32]).expect("signer");
     let (intake, inlets) = notary_plugin::inlets(64);

@@ -57,21 +57,28 @@ fn logins_come_from_a_mosquitto_password_file() {
     n.wait_proof_of(v["digest"].as_str().expect("digest"));
 }
 
-#[test]
-fn the_tls_listener_serves_mosquitto_clients_and_a_silent_client_blocks_no_one() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let (ca, cert, key) = test_certs(tmp.path());
+/// A notary with a TLS listener (test certificates) and `mqtt` lines in
+/// its `[mqtt]` table, once the TLS port accepts: (notary, CA file, port).
+fn start_with_tls(dir: &std::path::Path, mqtt: &str) -> (Notary, std::path::PathBuf, u16) {
+    let (ca, cert, key) = test_certs(dir);
     let tls_port = free_port();
     let config = fast_config(
-        tmp.path(),
+        dir,
         &format!(
-            "[mqtt.tls]\nlisten = \"127.0.0.1:{tls_port}\"\ncert_file = {:?}\nkey_file = {:?}\n",
+            "[mqtt]\n{mqtt}[mqtt.tls]\nlisten = \"127.0.0.1:{tls_port}\"\ncert_file = {:?}\nkey_file = {:?}\n",
             cert.display().to_string(),
             key.display().to_string()
         ),
     );
-    let n = Notary::start_with(tmp.path(), Some(config));
+    let n = Notary::start_with(dir, Some(config));
     eventually("the TLS listener", || TcpStream::connect(("127.0.0.1", tls_port)).ok());
+    (n, ca, tls_port)
+}
+
+#[test]
+fn the_tls_listener_serves_mosquitto_clients_and_a_silent_client_blocks_no_one() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (n, ca, tls_port) = start_with_tls(tmp.path(), "");
 
     // A client that connects and never says a word.
     let mut silent = TcpStream::connect(("127.0.0.1", tls_port)).expect("connect");
@@ -123,19 +130,8 @@ fn the_tls_listener_serves_mosquitto_clients_and_a_silent_client_blocks_no_one()
 #[test]
 fn tls_connections_beyond_max_connections_are_closed_at_once() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let (ca, cert, key) = test_certs(tmp.path());
-    let tls_port = free_port();
-    let config = fast_config(
-        tmp.path(),
-        &format!(
-            "[mqtt]\nmax_connections = 3\nconnection_timeout_ms = 60000\n\
-             [mqtt.tls]\nlisten = \"127.0.0.1:{tls_port}\"\ncert_file = {:?}\nkey_file = {:?}\n",
-            cert.display().to_string(),
-            key.display().to_string()
-        ),
-    );
-    let n = Notary::start_with(tmp.path(), Some(config));
-    eventually("the TLS listener", || TcpStream::connect(("127.0.0.1", tls_port)).ok());
+    let (n, ca, tls_port) =
+        start_with_tls(tmp.path(), "max_connections = 3\nconnection_timeout_ms = 60000\n");
     // Three silent clients take every slot (they would hold them for the
     // 60 s handshake time); the fourth is closed by the listener at once.
     let held: Vec<TcpStream> =
