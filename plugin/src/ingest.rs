@@ -17,7 +17,7 @@ use crate::metrics::Metrics;
 use crate::reason::Reason;
 use crate::registry::{DevicePolicy, Lookup, Registry};
 use crate::sealer::SealerMsg;
-use crate::source::{now_ms, Closed, Message, Outbox, Sink};
+use crate::source::{now_ms, Closed, Message, Outbox, Outcome, Responder, Sink};
 use crate::store::{Commit, Fault, RegistryChange, Rejection, Store, StoreError, StoredLeaf};
 use crate::topics::{OWN_PREFIX, PROOF_REQUEST_TOPIC, REJECTIONS_TOPIC};
 use ed25519_dalek::VerifyingKey;
@@ -33,7 +33,8 @@ use std::time::{Duration, Instant};
 const MAX_GROUP: usize = 8192;
 
 pub(crate) enum IngestItem {
-    Message(Message),
+    /// A message, and who waits for its outcome.
+    Message(Message, Option<Responder>),
     Gap {
         missed: u64,
         at_ms: u64,
@@ -102,7 +103,17 @@ impl Sink for Intake {
             return Ok(());
         }
         Metrics::inc(&self.metrics.messages_received_total);
-        self.send(IngestItem::Message(msg))
+        self.send(IngestItem::Message(msg, None))
+    }
+
+    fn submit(&self, msg: Message, done: Responder) -> Result<(), Closed> {
+        if msg.topic == PROOF_REQUEST_TOPIC || msg.topic.starts_with(OWN_PREFIX) {
+            self.deliver(msg)?;
+            done(Outcome::NotLogged);
+            return Ok(());
+        }
+        Metrics::inc(&self.metrics.messages_received_total);
+        self.send(IngestItem::Message(msg, Some(done)))
     }
 
     fn redelivered(&self, _behind: u64) {
@@ -154,6 +165,14 @@ pub(crate) struct Ingest {
     pub metrics: Arc<Metrics>,
     /// Set when shutdown's deadline has passed: stop retrying commits.
     pub give_up: Arc<AtomicBool>,
+}
+
+/// Where a message went in its group's commit.
+enum Slot {
+    Leaf(usize),
+    Rejection(usize),
+    /// Neither (it could not even be encoded; logged).
+    Dropped,
 }
 
 /// How a commit ended.
@@ -234,7 +253,7 @@ impl Ingest {
                 }
             }
         }
-        let left = rx.try_iter().filter(|i| matches!(i, IngestItem::Message(_))).count();
+        let left = rx.try_iter().filter(|i| matches!(i, IngestItem::Message(..))).count();
         if left > 0 || self.give_up.load(Relaxed) {
             Metrics::add(&self.metrics.messages_uncommitted_total, left as u64);
             tracing::error!(
@@ -367,11 +386,11 @@ impl Ingest {
     }
 
     fn process(&mut self, items: impl Iterator<Item = IngestItem>) {
-        let judged: Vec<Judged> = items
+        let judged: Vec<(Judged, Option<Responder>)> = items
             .filter_map(|item| match item {
-                IngestItem::Message(m) => Some(self.judge(m)),
-                IngestItem::Gap { missed, at_ms } => Some(Judged::Gap { missed, at_ms }),
-                IngestItem::Outage { from_ms, to_ms } => Some(Judged::Outage { from_ms, to_ms }),
+                IngestItem::Message(m, r) => Some((self.judge(m), r)),
+                IngestItem::Gap { missed, at_ms } => Some((Judged::Gap { missed, at_ms }, None)),
+                IngestItem::Outage { from_ms, to_ms } => Some((Judged::Outage { from_ms, to_ms }, None)),
                 // `run` takes barriers out before; one dropped unfired only
                 // leaves messages unacknowledged (redelivered), never lost.
                 IngestItem::Barrier(_) => None,
@@ -379,7 +398,7 @@ impl Ingest {
             .collect();
         let signed: Vec<(&Envelope, &VerifyingKey)> = judged
             .iter()
-            .filter_map(|j| match j {
+            .filter_map(|(j, _)| match j {
                 Judged::Signed { env, key, .. } => Some((&**env, key)),
                 _ => None,
             })
@@ -393,134 +412,180 @@ impl Ingest {
         // by one if the store refuses the group.
         let mut leaf_counters: Vec<Option<(String, u64)>> = Vec::new();
         let first_seq = self.next_seq;
-        for j in judged {
-            let mut leaf_counter = None;
-            let (msg, leaf) = match j {
-                Judged::Plain(msg) => {
-                    let leaf = LeafRecord::broker_received(
-                        self.next_seq,
-                        msg.received_at_ms,
-                        &msg.topic,
-                        &msg.payload,
-                    );
-                    (msg, leaf)
-                }
-                Judged::Signed { msg, env, key_seq, .. } => {
-                    let device = Some(env.device_id.clone());
-                    if valid.next() != Some(true) {
-                        commit.rejections.push(rejection(
-                            &msg,
-                            Reason::BadSignature,
-                            EnvelopeError::BadSignature.to_string(),
-                            device,
-                        ));
-                        continue;
-                    }
-                    let last = match self.registry.lookup(&env.device_id) {
-                        Lookup::Active { last_counter, .. } => last_counter,
-                        _ => None,
-                    };
-                    if last.is_some_and(|last| env.counter <= last) {
-                        let detail = format!(
-                            "counter {} is not above {}, the last accepted",
-                            env.counter,
-                            last.unwrap_or(0)
-                        );
-                        commit.rejections.push(rejection(&msg, Reason::Replay, detail, device));
-                        continue;
-                    }
-                    let fields = DeviceFields {
-                        key_seq,
-                        counter: env.counter,
-                        device_time_ms: env.device_time_ms,
-                        device_id: env.device_id.clone(),
-                    };
-                    match LeafRecord::device_signed(
-                        self.next_seq,
-                        msg.received_at_ms,
-                        &msg.topic,
-                        &msg.payload,
-                        &fields,
-                    ) {
-                        Ok(leaf) => {
-                            self.registry.set_counter(&env.device_id, env.counter);
-                            leaf_counter = Some((env.device_id.clone(), env.counter));
-                            counters.insert(env.device_id, env.counter);
-                            (msg, leaf)
-                        }
-                        Err(e) => {
-                            commit.rejections.push(rejection(
-                                &msg,
-                                Reason::MalformedEnvelope,
-                                e.to_string(),
-                                device,
-                            ));
-                            continue;
-                        }
-                    }
-                }
-                Judged::Rejected(r) => {
-                    commit.rejections.push(r);
-                    continue;
-                }
-                Judged::Gap { missed, at_ms } => {
-                    if let Err(e) = self.store.record_gap(at_ms, missed, self.next_seq) {
-                        tracing::error!(error = %e, missed, "could not record gap");
-                    }
-                    continue;
-                }
-                Judged::Outage { from_ms, to_ms } => {
-                    if let Err(e) = self.store.record_outage(from_ms, to_ms, self.next_seq) {
-                        tracing::error!(error = %e, from_ms, to_ms, "could not record source outage");
-                    }
-                    continue;
-                }
-            };
-            let Ok(record) = leaf.encode() else {
-                // MQTT topics are at most 65,535 bytes, so this cannot happen.
-                tracing::error!(topic_len = msg.topic.len(), "topic too long to encode; message dropped");
-                continue;
-            };
-            commit.leaves.push(StoredLeaf { seq: self.next_seq, digest: leaf.payload_digest, record });
-            leaf_counters.push(leaf_counter);
-            self.next_seq += 1;
+        // Who waits for each message's outcome, and where it went.
+        let mut waiting: Vec<(Responder, Slot)> = Vec::new();
+        for (j, responder) in judged {
+            let (leaves, rejections) = (commit.leaves.len(), commit.rejections.len());
+            self.take(j, &mut valid, &mut commit, &mut counters, &mut leaf_counters);
+            if let Some(r) = responder {
+                let slot = if commit.leaves.len() > leaves {
+                    Slot::Leaf(leaves)
+                } else if commit.rejections.len() > rejections {
+                    Slot::Rejection(rejections)
+                } else {
+                    Slot::Dropped
+                };
+                waiting.push((r, slot));
+            }
         }
         commit.counters = counters.into_iter().collect();
         if commit.is_empty() {
             return;
         }
-        let commit = match self.persist(&commit) {
-            Persisted::Done => commit,
+        // What the group's own rejections answer, whatever path commits them.
+        let rejected: Vec<Outcome> = commit
+            .rejections
+            .iter()
+            .map(|r| Outcome::Rejected { reason: r.reason, detail: r.detail.clone() })
+            .collect();
+        let (commit, outcomes) = match self.persist(&commit) {
+            Persisted::Done => {
+                let outcomes = commit.leaves.iter().map(|l| Outcome::Notarized { seq: l.seq }).collect();
+                (commit, outcomes)
+            }
+            // The responders are dropped unanswered: not committed.
             Persisted::GaveUp => return,
             Persisted::Permanent(e) => {
                 tracing::warn!(error = %e, leaves = commit.leaves.len(), "the store refused a group; committing its messages one by one");
-                let Some(c) = self.persist_apart(commit, leaf_counters, first_seq) else { return };
-                c
+                let Some(apart) = self.persist_apart(commit, leaf_counters, first_seq) else { return };
+                apart
             }
         };
+        for (responder, slot) in waiting {
+            let outcome = match slot {
+                Slot::Leaf(i) => outcomes.get(i).cloned(),
+                Slot::Rejection(i) => rejected.get(i).cloned(),
+                Slot::Dropped => None,
+            };
+            if let Some(o) = outcome {
+                responder(o);
+            }
+        }
         Metrics::add(&self.metrics.messages_notarized_total, commit.leaves.len() as u64);
         self.hand_to_sealer(&commit.leaves);
         self.announce(&commit.rejections);
     }
 
+    /// Turns one judged message into a leaf or a rejection of `commit`
+    /// (or records a gap or outage at once).
+    fn take(
+        &mut self,
+        j: Judged,
+        valid: &mut impl Iterator<Item = bool>,
+        commit: &mut Commit,
+        counters: &mut HashMap<String, u64>,
+        leaf_counters: &mut Vec<Option<(String, u64)>>,
+    ) {
+        let mut leaf_counter = None;
+        let (msg, leaf) = match j {
+            Judged::Plain(msg) => {
+                let leaf =
+                    LeafRecord::broker_received(self.next_seq, msg.received_at_ms, &msg.topic, &msg.payload);
+                (msg, leaf)
+            }
+            Judged::Signed { msg, env, key_seq, .. } => {
+                let device = Some(env.device_id.clone());
+                if valid.next() != Some(true) {
+                    commit.rejections.push(rejection(
+                        &msg,
+                        Reason::BadSignature,
+                        EnvelopeError::BadSignature.to_string(),
+                        device,
+                    ));
+                    return;
+                }
+                let last = match self.registry.lookup(&env.device_id) {
+                    Lookup::Active { last_counter, .. } => last_counter,
+                    _ => None,
+                };
+                if last.is_some_and(|last| env.counter <= last) {
+                    let detail = format!(
+                        "counter {} is not above {}, the last accepted",
+                        env.counter,
+                        last.unwrap_or(0)
+                    );
+                    commit.rejections.push(rejection(&msg, Reason::Replay, detail, device));
+                    return;
+                }
+                let fields = DeviceFields {
+                    key_seq,
+                    counter: env.counter,
+                    device_time_ms: env.device_time_ms,
+                    device_id: env.device_id.clone(),
+                };
+                match LeafRecord::device_signed(
+                    self.next_seq,
+                    msg.received_at_ms,
+                    &msg.topic,
+                    &msg.payload,
+                    &fields,
+                ) {
+                    Ok(leaf) => {
+                        self.registry.set_counter(&env.device_id, env.counter);
+                        leaf_counter = Some((env.device_id.clone(), env.counter));
+                        counters.insert(env.device_id, env.counter);
+                        (msg, leaf)
+                    }
+                    Err(e) => {
+                        commit.rejections.push(rejection(
+                            &msg,
+                            Reason::MalformedEnvelope,
+                            e.to_string(),
+                            device,
+                        ));
+                        return;
+                    }
+                }
+            }
+            Judged::Rejected(r) => {
+                commit.rejections.push(r);
+                return;
+            }
+            Judged::Gap { missed, at_ms } => {
+                if let Err(e) = self.store.record_gap(at_ms, missed, self.next_seq) {
+                    tracing::error!(error = %e, missed, "could not record gap");
+                }
+                return;
+            }
+            Judged::Outage { from_ms, to_ms } => {
+                if let Err(e) = self.store.record_outage(from_ms, to_ms, self.next_seq) {
+                    tracing::error!(error = %e, from_ms, to_ms, "could not record source outage");
+                }
+                return;
+            }
+        };
+        let Ok(record) = leaf.encode() else {
+            // MQTT topics are at most 65,535 bytes, so this cannot happen.
+            tracing::error!(topic_len = msg.topic.len(), "topic too long to encode; message dropped");
+            return;
+        };
+        commit.leaves.push(StoredLeaf { seq: self.next_seq, digest: leaf.payload_digest, record });
+        leaf_counters.push(leaf_counter);
+        self.next_seq += 1;
+    }
+
     /// Commits a group the store refused as a whole, one message per
     /// transaction: a message the store refuses becomes a rejection
     /// (`unstorable`), and the leaves after it are renumbered so the log
-    /// keeps no holes. Returns what was committed; `None` if shutdown gave
-    /// up meanwhile.
+    /// keeps no holes. Returns what was committed and, for each leaf of the
+    /// group in order, what became of it; `None` if shutdown gave up
+    /// meanwhile.
     fn persist_apart(
         &mut self,
         group: Commit,
         leaf_counters: Vec<Option<(String, u64)>>,
         first_seq: u64,
-    ) -> Option<Commit> {
+    ) -> Option<(Commit, Vec<Outcome>)> {
         let mut done = Commit::default();
+        let mut outcomes = Vec::with_capacity(group.leaves.len());
         let mut next = first_seq;
         for (leaf, counter) in group.leaves.into_iter().zip(leaf_counters) {
             let leaf = match renumber(leaf, next) {
                 Ok(l) => l,
                 Err((leaf, why)) => {
-                    done.rejections.push(unstorable(&leaf, counter.map(|(d, _)| d), &why));
+                    let r = unstorable(&leaf, counter.map(|(d, _)| d), &why);
+                    outcomes.push(Outcome::Rejected { reason: r.reason, detail: r.detail.clone() });
+                    done.rejections.push(r);
                     continue;
                 }
             };
@@ -528,6 +593,7 @@ impl Ingest {
                 Commit { leaves: vec![leaf], counters: counter.into_iter().collect(), ..Commit::default() };
             match self.persist(&one) {
                 Persisted::Done => {
+                    outcomes.push(Outcome::Notarized { seq: next });
                     next += 1;
                     done.leaves.extend(one.leaves);
                     done.counters.extend(one.counters);
@@ -544,6 +610,7 @@ impl Ingest {
                             tracing::error!(topic = %r.topic, digest = %hex::encode(r.digest), error = %e, "message could not be stored, nor its rejection")
                         }
                     }
+                    outcomes.push(Outcome::Rejected { reason: r.reason, detail: r.detail.clone() });
                     done.rejections.push(r);
                 }
             }
@@ -559,7 +626,7 @@ impl Ingest {
             }
         }
         self.next_seq = next;
-        Some(done)
+        Some((done, outcomes))
     }
 
     /// Logs, counts and publishes rejections (after they are stored).

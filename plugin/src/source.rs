@@ -13,6 +13,20 @@ pub struct Message {
     pub received_at_ms: u64,
 }
 
+/// What became of one message handed over with [`Sink::submit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Committed as the leaf with this sequence number: durable.
+    Notarized { seq: u64 },
+    /// Recorded as rejected (stored, counted, announced), never a leaf.
+    Rejected { reason: crate::reason::Reason, detail: String },
+    /// Not for the log: a proof request, or a topic the notary owns.
+    NotLogged,
+}
+
+/// Called once with a message's [`Outcome`].
+pub type Responder = Box<dyn FnOnce(Outcome) + Send>;
+
 /// The pipeline has stopped taking messages.
 #[derive(Debug, Clone, Copy)]
 pub struct Closed;
@@ -22,6 +36,14 @@ pub trait Sink: Send + Sync {
     /// Hands over one message. Blocks while the pipeline's queue is full
     /// (back-pressure); returns `Closed` once the pipeline shuts down.
     fn deliver(&self, msg: Message) -> Result<(), Closed>;
+
+    /// Hands over one message like `deliver`, and calls `done` (on a
+    /// pipeline thread) with its outcome once it is committed as a leaf or
+    /// recorded as rejected. `done` is dropped uncalled if the pipeline
+    /// stops first (shutdown's deadline): the message was not committed.
+    /// An embedded broker acknowledges and routes a message only after
+    /// this answer.
+    fn submit(&self, msg: Message, done: Responder) -> Result<(), Closed>;
 
     /// Reports that the source lost `missed` messages before they reached
     /// the pipeline (e.g. the broker's buffer overflowed).

@@ -163,3 +163,99 @@ fn a_stopped_pipeline_thread_is_reported_and_shutdown_is_bounded() {
     assert_eq!(problems[0].0, Part::Source);
     assert_eq!(pipeline.shutdown(Duration::from_secs(30)), Shutdown::Clean);
 }
+
+/// `submit` answers each message with what became of it, once committed:
+/// the leaf's sequence number, or the rejection's reason. An embedded
+/// broker acknowledges and routes only after this answer.
+#[test]
+fn submitted_messages_are_answered_after_their_commit() {
+    use notary_plugin::reason::Reason;
+    use notary_plugin::source::Outcome;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cfg = config(dir.path());
+    cfg.devices.require_signature = vec!["signed/#".into()];
+    let ledger = Arc::new(LocalLedger::open(&dir.path().join("ledger.sqlite")).expect("ledger"));
+    let signer = NoteSigner::new("test/pipeline", [9; 32]).expect("signer");
+    let (intake, inlets) = notary_plugin::inlets(64);
+    let pipeline = Pipeline::start(&cfg, intake.clone(), inlets, Arc::new(NoOutbox), signer, vec![ledger])
+        .expect("pipeline starts");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let topics = ["plain/a", "signed/x", "notary/proof/request", "plain/b"];
+    for (i, topic) in topics.into_iter().enumerate() {
+        let tx = tx.clone();
+        let msg = Message {
+            topic: topic.into(),
+            payload: format!("submitted {i}").into_bytes(),
+            received_at_ms: 1,
+        };
+        intake.submit(msg, Box::new(move |o| tx.send((i, o)).expect("answer"))).expect("taken");
+    }
+    let mut answers: Vec<(usize, Outcome)> =
+        (0..topics.len()).map(|_| rx.recv_timeout(Duration::from_secs(60)).expect("answered")).collect();
+    answers.sort_by_key(|(i, _)| *i);
+    let seq_a = match &answers[0].1 {
+        Outcome::Notarized { seq } => *seq,
+        other => panic!("plain/a: {other:?}"),
+    };
+    assert!(
+        matches!(&answers[1].1, Outcome::Rejected { reason: Reason::SignatureRequired, .. }),
+        "{answers:?}"
+    );
+    assert_eq!(answers[2].1, Outcome::NotLogged);
+    assert_eq!(answers[3].1, Outcome::Notarized { seq: seq_a + 1 }, "leaves are numbered in order");
+    // The answer comes after the commit: the leaf is already in the store.
+    let digest = *blake3::hash(b"submitted 0").as_bytes();
+    assert!(!matches!(pipeline.proofs.lookup(&digest), Ok(ProofAnswer::Unknown)));
+    assert_eq!(pipeline.shutdown(Duration::from_secs(30)), Shutdown::Clean);
+}
+
+/// A message the store refuses for good is answered as rejected
+/// (`unstorable`); the others of its group are answered with the sequence
+/// numbers they were renumbered to, without holes.
+#[test]
+fn a_refused_message_is_answered_unstorable_and_the_rest_renumbered() {
+    use notary_plugin::reason::Reason;
+    use notary_plugin::source::Outcome;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let poison = digest(1);
+    notary_plugin::store::Store::open(dir.path()).expect("store");
+    let conn = rusqlite::Connection::open(dir.path().join("notary.sqlite")).expect("open");
+    conn.execute_batch(&format!(
+        "CREATE TRIGGER poison BEFORE INSERT ON leaves WHEN NEW.digest = X'{}'
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+        poison.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    ))
+    .expect("trigger");
+    let ledger = Arc::new(LocalLedger::open(&dir.path().join("ledger.sqlite")).expect("ledger"));
+    let signer = NoteSigner::new("test/pipeline", [9; 32]).expect("signer");
+    let (intake, inlets) = notary_plugin::inlets(64);
+    // Held back until all three are queued, so they form one group.
+    let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
+    intake
+        .after_commit(Box::new(move || {
+            let _ = gate_rx.recv();
+        }))
+        .expect("barrier");
+    let pipeline = Pipeline::start(
+        &config(dir.path()),
+        intake.clone(),
+        inlets,
+        Arc::new(NoOutbox),
+        signer,
+        vec![ledger],
+    )
+    .expect("pipeline starts");
+    let (tx, rx) = std::sync::mpsc::channel();
+    for i in 0..3 {
+        let tx = tx.clone();
+        intake.submit(message(i), Box::new(move |o| tx.send((i, o)).expect("answer"))).expect("taken");
+    }
+    drop(gate_tx);
+    let mut answers: Vec<(usize, Outcome)> =
+        (0..3).map(|_| rx.recv_timeout(Duration::from_secs(60)).expect("answered")).collect();
+    answers.sort_by_key(|(i, _)| *i);
+    let Outcome::Notarized { seq } = answers[0].1 else { panic!("{answers:?}") };
+    assert!(matches!(&answers[1].1, Outcome::Rejected { reason: Reason::Unstorable, .. }), "{answers:?}");
+    assert_eq!(answers[2].1, Outcome::Notarized { seq: seq + 1 }, "no hole where the refused one was");
+    assert_eq!(pipeline.shutdown(Duration::from_secs(30)), Shutdown::Clean);
+}
