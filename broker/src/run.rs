@@ -70,10 +70,10 @@ pub fn main(
 /// every connection at INFO, so it is held to WARN by default, and its router
 /// logs a spurious ERROR at every normal disconnect, so that module is off.
 /// Its per-connection task also logs at ERROR every CONNECT that fails (a
-/// bare TCP probe of the port, a client that resets) and every connection
-/// that ends abruptly (rumqttd 0.20.0, `src/server/broker.rs` lines 512 and
-/// 566): noise for ERROR-based alerting, so by default those two are
-/// dropped too; `RUST_LOG=rumqttd=debug` shows everything. And rumqttd's
+/// bare TCP probe of the port, a client that resets) and most ends of a
+/// connection, normal ones included (rumqttd 0.20.0, `src/server/broker.rs`
+/// lines 512, 566, 577, 581 and 592): noise for ERROR-based alerting, so by
+/// default those are dropped too; with `RUST_LOG` set they are shown. And rumqttd's
 /// accept loop logs a failed accept (out of file descriptors) and retries
 /// at once (line 398), which once wrote gigabytes of log in seconds: at
 /// most one such line per 10 s is kept.
@@ -92,7 +92,7 @@ fn init_tracing() {
             return true;
         }
         match m.line() {
-            Some(512 | 566) => !quiet,
+            Some(512 | 566 | 577 | 581 | 592) => !quiet,
             Some(398) => {
                 let now = notary_plugin::source::now_ms();
                 let last = last_accept_error.load(std::sync::atomic::Ordering::Relaxed);
