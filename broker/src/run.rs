@@ -297,10 +297,13 @@ fn serve(cfg: Config, source: Source, new_log: bool) -> anyhow::Result<Shutdown>
     };
     let deadline = std::time::Duration::from_millis(cfg.ingest.shutdown_timeout_ms);
     let outcome = rt.block_on(async move {
+        // Signal handlers first: once HTTP answers, a SIGTERM must find
+        // them in place (a supervisor or test may stop us right away).
+        let signalled = shutdown_signal()?;
         let stop = CancellationToken::new();
         let metrics = pipeline.metrics.clone();
         let server = tokio::spawn(http::serve(listener, http::router(api), limits, metrics, stop.clone()));
-        wait_for_signal().await;
+        signalled.await;
         tracing::info!(
             deadline_ms = deadline.as_millis() as u64,
             "shutting down: draining, sealing and anchoring"
@@ -321,25 +324,26 @@ fn serve(cfg: Config, source: Source, new_log: bool) -> anyhow::Result<Shutdown>
     Ok(outcome)
 }
 
-async fn wait_for_signal() {
+/// Installs the SIGINT and SIGTERM handlers now; the future ends at the
+/// first of the two.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        Ok(async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
+        })
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
     }
 }
 

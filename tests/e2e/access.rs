@@ -132,18 +132,22 @@ fn tls_connections_beyond_max_connections_are_closed_at_once() {
     let tmp = tempfile::tempdir().expect("tmp");
     let (n, ca, tls_port) =
         start_with_tls(tmp.path(), "max_connections = 3\nconnection_timeout_ms = 60000\n");
-    // Three silent clients take every slot (they would hold them for the
-    // 60 s handshake time); the fourth is closed by the listener at once.
-    let held: Vec<TcpStream> =
-        (0..3).map(|_| TcpStream::connect(("127.0.0.1", tls_port)).expect("connect")).collect();
-    let mut extra = eventually("a connection past the cap to be refused", || {
+    // Silent clients take the slots (they would hold them for the 60 s
+    // handshake time); one past the cap is closed by the listener at once.
+    // Each client that got a slot is kept, so the slots fill up even while
+    // the readiness probe's slot is still being freed.
+    let mut held: Vec<TcpStream> = Vec::new();
+    let mut extra = loop {
+        assert!(held.len() <= 8, "no connection refused with {} held and a cap of 3", held.len());
         let mut s = TcpStream::connect(("127.0.0.1", tls_port)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(1))).expect("timeout");
         let mut buf = [0u8; 1];
-        // A refused one is closed (end of stream); one that got a slot
-        // (the probe's was not yet freed) times out: try again.
-        matches!(s.read(&mut buf), Ok(0)).then_some(s)
-    });
+        // Refused: end of stream. Holding a slot: nothing to read.
+        match s.read(&mut buf) {
+            Ok(0) => break s,
+            _ => held.push(s),
+        }
+    };
     assert!(n.metric("tls_connections_refused_total") >= 1);
     let mut buf = [0u8; 1];
     assert_eq!(extra.read(&mut buf).ok(), Some(0));

@@ -255,8 +255,9 @@ fn half_open_http_connections_leave_mqtt_and_http_serving() {
     // Those past the cap were closed at once. (How many depends on how
     // fast the listener drained its backlog before the first timeouts
     // freed slots, so only that some were is asserted.)
-    let refused = n.metric("http_connections_refused_total");
-    assert!(refused >= 1, "{refused} refused");
+    eventually("refused connections to be counted", || {
+        (n.metric("http_connections_refused_total") >= 1).then_some(())
+    });
     for mut s in silent {
         s.set_read_timeout(Some(PATIENCE)).expect("timeout");
         let mut rest = Vec::new();
@@ -307,7 +308,7 @@ fn fill(dir: &Path) -> std::path::PathBuf {
 #[test]
 fn a_full_disk_turns_healthz_503_and_nothing_taken_is_lost_when_space_returns() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let disk = SmallDisk::mount(&tmp.path().join("small"), "16m");
+    let disk = SmallDisk::mount(&tmp.path().join("small"), "32m");
     // The data directory on the small disk, the log beside it on the big one.
     std::fs::create_dir_all(disk.0.join("data")).expect("data dir");
     std::os::unix::fs::symlink(disk.0.join("data"), tmp.path().join("data")).expect("symlink");
@@ -316,12 +317,13 @@ fn a_full_disk_turns_healthz_503_and_nothing_taken_is_lost_when_space_returns() 
     n.notarize("disk/t", b"before the disk filled up");
 
     let filler = fill(&disk.0);
-    let lines: Vec<String> = (0..300).map(|i| format!("{i:04}:{}", "x".repeat(4000))).collect();
+    // 6 MB: more than any slack left in the store's files. Which write
+    // fails first (ingest's commit, sealing, the ledger) depends on how the
+    // messages fall into groups, so any reported problem will do.
+    let lines: Vec<String> = (0..1500).map(|i| format!("{i:04}:{}", "x".repeat(4000))).collect();
     publish_lines(n.mqtt, "disk/t", 1, &lines);
-    let p =
-        eventually("/healthz to report the full disk", || problems(&n).filter(|p| p["ingest"].is_string()));
-    assert!(p["ingest"].as_str().unwrap_or("").contains("full"), "{p}");
-    assert!(n.metric("persist_failures_total") >= 1);
+    let p = eventually("/healthz to report the full disk", || problems(&n));
+    assert!(p.to_string().contains("full"), "{p}\n{}", n.log());
 
     std::fs::remove_file(filler).expect("free the space");
     for l in &lines {
