@@ -104,17 +104,21 @@ fn nonempty(path: &Path) -> bool {
 /// crash during a WAL checkpoint can leave the file shorter than its new
 /// header says, and SQLite repairs that from the WAL when it opens.
 pub fn sqlite_file_damage(path: &Path) -> Option<String> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
+    use std::io::Read as _;
+    // The header and the length only: the store can be gigabytes.
+    let (len, mut file) = match std::fs::File::open(path).and_then(|f| Ok((f.metadata()?.len(), f))) {
+        Ok(v) => v,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
         Err(e) => return Some(format!("unreadable: {e}")),
     };
-    if bytes.is_empty() {
+    if len == 0 {
         return None;
     }
-    let Some(header) = bytes.get(..100) else {
-        return Some(format!("{} bytes, shorter than an SQLite header", bytes.len()));
-    };
+    let mut header_bytes = [0u8; 100];
+    if len < 100 || file.read_exact(&mut header_bytes).is_err() {
+        return Some(format!("{len} bytes, shorter than an SQLite header"));
+    }
+    let header = &header_bytes;
     if !header.starts_with(b"SQLite format 3\0") {
         return Some("not an SQLite database".into());
     }
@@ -129,8 +133,8 @@ pub fn sqlite_file_damage(path: &Path) -> Option<String> {
     let mut wal = path.as_os_str().to_owned();
     wal.push("-wal");
     let no_wal = !nonempty(Path::new(&wal));
-    if no_wal && header[24..28] == header[92..96] && (bytes.len() as u64) < pages * page_size {
-        return Some(format!("truncated: {} bytes where its header says {}", bytes.len(), pages * page_size));
+    if no_wal && header[24..28] == header[92..96] && len < pages * page_size {
+        return Some(format!("truncated: {len} bytes where its header says {}", pages * page_size));
     }
     None
 }
