@@ -202,6 +202,10 @@ async fn publisher(
                     done += 1;
                     done_tx.send_replace(done);
                 }
+                Ok(Event::Incoming(Packet::PubComp(_))) if qos == QoS::ExactlyOnce => {
+                    done += 1;
+                    done_tx.send_replace(done);
+                }
                 Ok(Event::Outgoing(Outgoing::Publish(_))) if qos == QoS::AtMostOnce => {
                     done += 1;
                     done_tx.send_replace(done);
@@ -362,7 +366,11 @@ pub async fn subscriber(port: u16, qos: QoS, run: u32) -> anyhow::Result<Counter
 /// everything would cost as much as the broker under test on a small
 /// machine, and skew every figure).
 pub fn mosquitto_sub(port: u16, qos: QoS, run: u32) -> anyhow::Result<Counter> {
-    let q = if qos == QoS::AtLeastOnce { "1" } else { "0" };
+    let q = match qos {
+        QoS::AtMostOnce => "0",
+        QoS::AtLeastOnce => "1",
+        QoS::ExactlyOnce => "2",
+    };
     let mut child = std::process::Command::new("mosquitto_sub")
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", q, "-F", "%t"])
         .args(["-t", CROSSCHECK_TOPIC, "-t", WARMUP_TOPIC])

@@ -10,6 +10,8 @@ pub struct Machine {
     pub kernel: String,
     pub mosquitto: String,
     pub rumqttd: String,
+    #[serde(default)]
+    pub rmqtt: String,
     pub rumqttc: String,
     pub mqtt_notary: String,
     /// The source revision, when run from a git checkout.
@@ -17,6 +19,29 @@ pub struct Machine {
     /// Whether the bench and the notary were built with optimizations.
     pub release_build: bool,
     pub date: String,
+    /// Share of all cores busy (other processes) over the second sampled
+    /// just before the run began: a run on a machine that is not quiet
+    /// measures the other load too.
+    #[serde(default)]
+    pub busy_before: f64,
+}
+
+/// (busy, total) jiffies over all cores, from /proc/stat.
+fn cpu_jiffies() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<u64> =
+        stat.lines().next()?.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let total: u64 = v.iter().sum();
+    let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+/// The share of the machine busy over `over`, 0.0 to 1.0.
+pub fn busy(over: std::time::Duration) -> f64 {
+    let Some((b0, t0)) = cpu_jiffies() else { return 0.0 };
+    std::thread::sleep(over);
+    let Some((b1, t1)) = cpu_jiffies() else { return 0.0 };
+    (b1 - b0) as f64 / (t1 - t0).max(1) as f64
 }
 
 fn first_line(cmd: &str, args: &[&str]) -> Option<String> {
@@ -64,12 +89,14 @@ impl Machine {
             kernel,
             mosquitto,
             rumqttd: locked("rumqttd"),
+            rmqtt: locked("rmqtt"),
             rumqttc: locked("rumqttc"),
             mqtt_notary: env!("CARGO_PKG_VERSION").to_owned(),
             commit: first_line("git", &["describe", "--always", "--dirty"])
                 .unwrap_or_else(|| "unknown".into()),
             release_build: !cfg!(debug_assertions),
             date: first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_default(),
+            busy_before: 0.0,
         }
     }
 }

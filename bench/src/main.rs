@@ -16,6 +16,7 @@ mod machine;
 mod plot;
 mod probe;
 mod report;
+mod rumqttd;
 mod runner;
 mod systems;
 
@@ -49,6 +50,8 @@ struct Cli {
 enum Command {
     /// (Internal) plain rumqttd, with mqtt-notary's listener settings and no plugin.
     Rumqttd { listen: SocketAddr },
+    /// (Internal) plain rmqtt, the engine mqtt-notary embeds, without its hook.
+    Rmqtt { listen: SocketAddr },
     /// (Internal) the mqtt-notary command line, e.g. `bench notary run --config F`.
     Notary {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -72,7 +75,14 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Some(Command::Rumqttd { listen }) => match mqtt_notary::plain_rumqttd(listen) {
+        Some(Command::Rmqtt { listen }) => match mqtt_notary::plain_rmqtt(listen) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("rmqtt: {e:#}");
+                ExitCode::from(2)
+            }
+        },
+        Some(Command::Rumqttd { listen }) => match rumqttd::run(listen) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("rumqttd: {e:#}");

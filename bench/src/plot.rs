@@ -5,12 +5,14 @@ use crate::systems::Kind;
 use plotters::prelude::*;
 use std::path::Path;
 
-const SYSTEMS: [Kind; 5] = [Kind::Mosquitto, Kind::Rumqttd, Kind::Notary, Kind::NotarySigned, Kind::Sidecar];
+const SYSTEMS: [Kind; 6] =
+    [Kind::Mosquitto, Kind::Rumqttd, Kind::Rmqtt, Kind::Notary, Kind::NotarySigned, Kind::Sidecar];
 
 fn color(k: Kind) -> RGBColor {
     match k {
         Kind::Mosquitto => RGBColor(0x3b, 0x6e, 0xa5),
         Kind::Rumqttd => RGBColor(0xe0, 0x8a, 0x1e),
+        Kind::Rmqtt => RGBColor(0x8e, 0x44, 0xad),
         Kind::Notary => RGBColor(0x2e, 0x9e, 0x4f),
         Kind::NotarySigned => RGBColor(0x9b, 0x4d, 0xca),
         Kind::Sidecar => RGBColor(0xc0, 0x39, 0x2b),

@@ -17,8 +17,31 @@ fn target(name: impl Into<String>, measured: impl Into<String>, met: bool) -> Ta
     Target { name: name.into(), measured: measured.into(), met }
 }
 
+/// Delivered msg/s; for a repeated baseline, with the spread of its runs.
+fn delivered(x: &Run) -> String {
+    let (lo, hi) = x.repeats.iter().fold((f64::MAX, 0.0f64), |(l, h), v| (l.min(*v), h.max(*v)));
+    if x.repeats.len() < 2 {
+        return format!("{:.0}", x.delivered_per_s);
+    }
+    format!(
+        "{:.0} ({:.0}–{:.0}, {} runs, spread {:.0} %)",
+        x.delivered_per_s,
+        lo,
+        hi,
+        x.repeats.len(),
+        (hi - lo) / hi.max(1e-9) * 100.0
+    )
+}
+
 fn find(runs: &[Run], kind: Kind, qos: u8) -> Option<&Run> {
     runs.iter().find(|r| r.system == kind && r.qos == qos)
+}
+
+/// `kind`'s run under the same load as `x` (QoS, publishers, payload).
+fn find_like<'a>(runs: &'a [Run], kind: Kind, x: &Run) -> Option<&'a Run> {
+    runs.iter().find(|r| {
+        r.system == kind && r.qos == x.qos && r.publishers == x.publishers && r.payload == x.payload
+    })
 }
 
 pub fn targets(r: &Results, max_batch_age_ms: u64) -> Vec<Target> {
@@ -73,11 +96,29 @@ pub fn targets(r: &Results, max_batch_age_ms: u64) -> Vec<Target> {
             ratio >= 0.8,
         ));
     }
-    let qos1: Vec<&Run> = r.runs.iter().chain(&r.signed).filter(|x| x.qos == 1).collect();
+    let hundred = |k: Kind| r.runs.iter().find(|x| x.system == k && x.qos == 1 && x.publishers == 100);
+    if let (Some(m), Some(n)) = (hundred(Kind::Mosquitto), hundred(Kind::Notary)) {
+        let notarized = n.notarized_per_s.unwrap_or(0.0);
+        let ratio = notarized / m.delivered_per_s.max(1e-9);
+        t.push(target(
+            "100 publishers, QoS 1: notarized msg/s >= Mosquitto delivered QoS 1 msg/s",
+            format!("{notarized:.0} / {:.0} = {ratio:.2} x", m.delivered_per_s),
+            ratio >= 1.0,
+        ));
+    }
+    if let Some(one) = r.runs.iter().find(|x| x.system == Kind::Notary && x.qos == 1 && x.publishers == 1) {
+        let rate = one.notarized_per_s.unwrap_or(0.0);
+        t.push(target(
+            "one publisher, QoS 1, 100 in flight, acknowledged after commit: notarized msg/s >= 5000",
+            format!("{rate:.0} msg/s"),
+            rate >= 5000.0,
+        ));
+    }
+    let qos1: Vec<&Run> = r.runs.iter().chain(&r.signed).filter(|x| x.qos >= 1).collect();
     let lost: u64 = qos1.iter().map(|x| x.lost + x.unnotarized.unwrap_or(0)).sum();
     t.push(target(
-        "zero QoS 1 loss (delivered, and notarized or rejected with a reason)",
-        format!("{lost} lost in {} QoS 1 runs", qos1.len()),
+        "zero QoS 1/2 loss (delivered, and notarized or rejected with a reason)",
+        format!("{lost} lost in {} QoS 1 and 2 runs", qos1.len()),
         lost == 0 && !qos1.is_empty(),
     ));
     t
@@ -109,7 +150,7 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(s, "# mqtt-notary benchmark\n");
     let _ = writeln!(
         s,
-        "{} run of {}, {:.0} s in all.\n\n- machine: {} ({} cores, {} GiB), Linux {}\n- {}; rumqttd {}, rumqttc {} (load generator)\n- mqtt-notary {} at {}, {} build\n",
+        "{} run of {}, {:.0} s in all.\n\n- machine: {} ({} cores, {} GiB), Linux {}\n- {}; rmqtt {}, rumqttd {}, rumqttc {} (load generator)\n- mqtt-notary {} at {}, {} build\n- other load on the machine just before the run: {:.0} % of its cores\n",
         if r.plan.quick { "Quick" } else { "Full" },
         m.date,
         r.seconds,
@@ -118,11 +159,13 @@ pub fn markdown(r: &Results) -> String {
         m.memory_gib,
         m.kernel,
         m.mosquitto,
+        m.rmqtt,
         m.rumqttd,
         m.rumqttc,
         m.mqtt_notary,
         m.commit,
-        if m.release_build { "release" } else { "debug (figures not comparable)" }
+        if m.release_build { "release" } else { "debug (figures not comparable)" },
+        m.busy_before * 100.0
     );
 
     let _ = writeln!(s, "## Targets\n\n| target | measured | met |\n|---|---|---|");
@@ -137,16 +180,17 @@ pub fn markdown(r: &Results) -> String {
     );
     let _ = writeln!(
         s,
-        "| system | QoS | messages | delivered msg/s | notarized msg/s | CPU s / 1k msg | peak RSS MiB | disk B / msg | lost: delivery / notary | bench/0: sent / ours / mosquitto_sub |\n|---|---|---|---|---|---|---|---|---|---|"
+        "| system | QoS | publishers | messages | delivered msg/s (a baseline: best of its runs, and their spread) | notarized msg/s | CPU s / 1k msg | peak RSS MiB | disk B / msg | lost: delivery / notary | bench/0: sent / ours / mosquitto_sub |\n|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for x in &r.runs {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.0} | {} | {:.3} | {:.1} | {} | {} | {} / {} / {} |",
+            "| {} | {} | {} | {} | {} | {} | {:.3} | {:.1} | {} | {} | {} / {} / {} |",
             x.system.label(),
             x.qos,
+            x.publishers,
             x.messages,
-            x.delivered_per_s,
+            delivered(x),
             opt(x.notarized_per_s, 0),
             x.cpu_s_per_1k,
             x.peak_rss_mib,
@@ -159,11 +203,11 @@ pub fn markdown(r: &Results) -> String {
     }
     let _ = writeln!(
         s,
-        "\nThe same figures as ratios: to plain Mosquitto / to plain rumqttd at the same QoS (throughput: higher is better, notarized compared with their delivered; CPU and RSS: lower is better).\n\n| system | QoS | delivered | notarized | CPU / 1k msg | peak RSS |\n|---|---|---|---|---|---|"
+        "\nThe same figures as ratios: to plain Mosquitto / to plain rmqtt (the engine mqtt-notary embeds) at the same QoS (throughput: higher is better, notarized compared with their delivered; CPU and RSS: lower is better).\n\n| system | QoS | delivered | notarized | CPU / 1k msg | peak RSS |\n|---|---|---|---|---|---|"
     );
     for x in &r.runs {
         let (Some(mo), Some(ru)) =
-            (find(&r.runs, Kind::Mosquitto, x.qos), find(&r.runs, Kind::Rumqttd, x.qos))
+            (find_like(&r.runs, Kind::Mosquitto, x), find_like(&r.runs, Kind::Rmqtt, x))
         else {
             continue;
         };

@@ -12,8 +12,11 @@ use std::time::{Duration, Instant};
 pub enum Kind {
     /// Plain Mosquitto 2.0 with the tuned config below.
     Mosquitto,
-    /// Plain rumqttd with mqtt-notary's listener settings, no plugin.
+    /// Plain rumqttd 0.20 (mqtt-notary's engine before rmqtt), no plugin.
     Rumqttd,
+    /// Plain rmqtt, the engine mqtt-notary embeds, with its listener
+    /// settings and without the notary's hook.
+    Rmqtt,
     /// mqtt-notary with its embedded broker; the load is unsigned.
     Notary,
     /// mqtt-notary with its embedded broker; the load is COSE-signed.
@@ -27,6 +30,7 @@ impl Kind {
         match self {
             Kind::Mosquitto => "mosquitto",
             Kind::Rumqttd => "rumqttd",
+            Kind::Rmqtt => "rmqtt",
             Kind::Notary => "notary",
             Kind::NotarySigned => "notary signed",
             Kind::Sidecar => "sidecar on mosquitto",
@@ -105,6 +109,13 @@ impl System {
                 let conf = dir.join("mosquitto.conf");
                 std::fs::write(&conf, format!("listener {mqtt_port} 127.0.0.1\n{MOSQUITTO_CONF}"))?;
                 sys.spawn("mosquitto", Command::new(mosquitto()?).arg("-c").arg(&conf), &dir)?;
+            }
+            Kind::Rmqtt => {
+                sys.spawn(
+                    "rmqtt",
+                    Command::new(&me).args(["rmqtt", &format!("127.0.0.1:{mqtt_port}")]),
+                    &dir,
+                )?;
             }
             Kind::Rumqttd => {
                 sys.spawn(

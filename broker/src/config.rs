@@ -253,11 +253,32 @@ pub struct MqttConfig {
     pub max_connections: usize,
     pub max_payload_bytes: usize,
     pub connection_timeout_ms: u16,
-    pub max_inflight: usize,
-    pub backlog_segment_bytes: usize,
-    pub backlog_segment_count: usize,
+    pub max_inflight: u16,
+    pub max_queued_messages: usize,
+    pub ack: Ack,
+    pub reject_v311: RejectV311,
     pub password_file: Option<PathBuf>,
     pub tls: Option<TlsConfig>,
+}
+
+/// When the embedded broker acknowledges a QoS 1/2 publish (`mqtt.ack`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Ack {
+    /// After the message's leaf (or rejection) is committed.
+    AfterCommit,
+    /// As soon as it is judged; the commit follows.
+    OnReceipt,
+}
+
+/// What an MQTT 3.1.1 publisher of a rejected message gets (`mqtt.reject_v311`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RejectV311 {
+    /// The acknowledgement 3.1.1 requires; the message is not forwarded.
+    Drop,
+    /// The connection is closed, without an acknowledgement.
+    Disconnect,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -315,8 +336,9 @@ impl Default for MqttConfig {
             max_payload_bytes: 256 * 1024,
             connection_timeout_ms: 5000,
             max_inflight: 100,
-            backlog_segment_bytes: 16 * 1024 * 1024,
-            backlog_segment_count: 8,
+            max_queued_messages: 1000,
+            ack: Ack::AfterCommit,
+            reject_v311: RejectV311::Drop,
             password_file: None,
             tls: None,
         }
@@ -378,8 +400,8 @@ impl Config {
         if self.mqtt.max_payload_bytes == 0 || self.mqtt.max_connections == 0 || self.mqtt.max_inflight == 0 {
             bail!("mqtt.max_payload_bytes, max_connections and max_inflight must be at least 1");
         }
-        if self.mqtt.backlog_segment_bytes < 1024 || self.mqtt.backlog_segment_count == 0 {
-            bail!("mqtt.backlog_segment_bytes must be at least 1024 and backlog_segment_count at least 1");
+        if self.mqtt.max_queued_messages == 0 {
+            bail!("mqtt.max_queued_messages must be at least 1");
         }
         for f in &self.devices.require_signature {
             if !notary_plugin::topics::valid_topic_filter(f) {

@@ -198,7 +198,7 @@ enum LedgerCommand {
     },
 }
 
-pub use run::plain_rumqttd;
+pub use run::plain_rmqtt;
 
 /// Runs the `mqtt-notary` command line; `args` starts with the program name.
 pub fn cli_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {

@@ -66,51 +66,24 @@ pub fn main(
     }
 }
 
-/// Logs go to stderr; `RUST_LOG` overrides the default filter. rumqttd logs
-/// every connection at INFO, so it is held to WARN by default, and its router
-/// logs a spurious ERROR at every normal disconnect, so that module is off.
-/// Its per-connection task also logs at ERROR every CONNECT that fails (a
-/// bare TCP probe of the port, a client that resets) and most ends of a
-/// connection, normal ones included (rumqttd 0.20.0, `src/server/broker.rs`
-/// lines 512, 566, 577, 581 and 592): noise for ERROR-based alerting, so by
-/// default those are dropped too; with `RUST_LOG` set they are shown. And rumqttd's
-/// accept loop logs a failed accept (out of file descriptors) and retries
-/// at once (line 398), which once wrote gigabytes of log in seconds: at
-/// most one such line per 10 s is kept.
+/// Logs go to stderr; `RUST_LOG` overrides the default filter. The embedded
+/// broker (rmqtt, which logs through the `log` crate, bridged here) logs
+/// every connection's end and every refused CONNECT at INFO: by default it
+/// is held to WARN. Whether its listener accepts is watched by the
+/// listener probe (`/healthz`), not by its log.
 fn init_tracing() {
     use std::io::IsTerminal as _;
-    use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
-    let from_env = tracing_subscriber::EnvFilter::try_from_default_env().ok();
-    let quiet = from_env.is_none();
-    let filter = from_env.unwrap_or_else(|| {
-        tracing_subscriber::EnvFilter::new("info,rumqttd=warn,rumqttd::router::routing=off")
-    });
-    let last_accept_error = std::sync::atomic::AtomicU64::new(0);
-    let per_connection_noise = tracing_subscriber::filter::dynamic_filter_fn(move |m, _| {
-        if m.target() != "rumqttd::server::broker" {
-            return true;
-        }
-        match m.line() {
-            Some(512 | 566 | 577 | 581 | 592) => !quiet,
-            Some(398) => {
-                let now = notary_plugin::source::now_ms();
-                let last = last_accept_error.load(std::sync::atomic::Ordering::Relaxed);
-                let due = now >= last + 10_000;
-                if due {
-                    last_accept_error.store(now, std::sync::atomic::Ordering::Relaxed);
-                }
-                due
-            }
-            _ => true,
-        }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(
+            "info,rmqtt=warn,rmqtt_net=warn,rmqtt_codec=warn,rmqtt_retainer=warn,rmqtt_sys_topic=warn",
+        )
     });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .finish()
-        .with(per_connection_noise)
         .init();
 }
 
@@ -135,7 +108,7 @@ pub fn parse_broker_url(url: &str) -> anyhow::Result<(String, u16, bool)> {
     Ok((host.to_owned(), port, tls))
 }
 
-/// The embedded broker's settings from the `[mqtt]` table.
+/// The embedded broker's settings from the `[mqtt]` and `[devices]` tables.
 fn embedded_settings(cfg: &Config) -> anyhow::Result<EmbeddedSettings> {
     Ok(EmbeddedSettings {
         listen: cfg.mqtt.listen,
@@ -143,8 +116,16 @@ fn embedded_settings(cfg: &Config) -> anyhow::Result<EmbeddedSettings> {
         max_payload_bytes: cfg.mqtt.max_payload_bytes,
         connection_timeout_ms: cfg.mqtt.connection_timeout_ms,
         max_inflight: cfg.mqtt.max_inflight,
-        segment_bytes: cfg.mqtt.backlog_segment_bytes,
-        segment_count: cfg.mqtt.backlog_segment_count,
+        max_queued_messages: cfg.mqtt.max_queued_messages,
+        ack: match cfg.mqtt.ack {
+            crate::config::Ack::AfterCommit => embedded::AckMode::AfterCommit,
+            crate::config::Ack::OnReceipt => embedded::AckMode::OnReceipt,
+        },
+        reject_v311: match cfg.mqtt.reject_v311 {
+            crate::config::RejectV311::Drop => embedded::RejectV311::Drop,
+            crate::config::RejectV311::Disconnect => embedded::RejectV311::Disconnect,
+        },
+        policy: cfg.devices.policy(),
         passwords: match &cfg.mqtt.password_file {
             Some(path) => {
                 let file = PasswordFile::load(path)?;
@@ -156,13 +137,15 @@ fn embedded_settings(cfg: &Config) -> anyhow::Result<EmbeddedSettings> {
     })
 }
 
-/// Plain rumqttd on `listen` with the default `[mqtt]` settings and no
-/// notary link: the benchmark's baseline, the same broker our pipeline
+/// Plain rmqtt on `listen` with the default `[mqtt]` settings and no
+/// notary hook: the benchmark's baseline, the same broker our pipeline
 /// embeds. Runs until the process ends.
-pub fn plain_rumqttd(listen: std::net::SocketAddr) -> anyhow::Result<()> {
+pub fn plain_rmqtt(listen: std::net::SocketAddr) -> anyhow::Result<()> {
     let mut cfg = Config::default();
     cfg.mqtt.listen = listen;
-    embedded::run_plain(&embedded_settings(&cfg)?)?;
+    let settings = embedded_settings(&cfg)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(embedded::run_plain(&settings))?;
     Ok(())
 }
 
@@ -186,7 +169,6 @@ fn serve(cfg: Config, source: Source, new_log: bool) -> anyhow::Result<Shutdown>
     let (intake, inlets) = notary_plugin::inlets(cfg.ingest.queue_capacity);
     let settings = embedded_settings(&cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
@@ -203,7 +185,7 @@ fn serve(cfg: Config, source: Source, new_log: bool) -> anyhow::Result<Shutdown>
     };
     let outbox = match &source {
         Source::Embedded => {
-            let outbox = embedded::start(&settings, intake.clone())?;
+            let outbox = rt.block_on(embedded::start(&settings, intake.clone(), inlets.metrics()))?;
             if let Some((listener, acceptor)) = tls {
                 let upstream = tls::local_target(cfg.mqtt.listen);
                 let handshake = std::time::Duration::from_millis(cfg.mqtt.connection_timeout_ms.into());
@@ -318,8 +300,9 @@ fn serve(cfg: Config, source: Source, new_log: bool) -> anyhow::Result<Shutdown>
         }
         anyhow::Ok(outcome)
     })?;
-    // rumqttd has no shutdown; its threads end with the process, and so
-    // does a stage still blocked after the deadline.
+    // The broker's tasks end with the runtime; a publish still waiting for
+    // its commit is answered "not committed" (no acknowledgement), and a
+    // stage still blocked after the deadline ends with the process.
     rt.shutdown_background();
     Ok(outcome)
 }

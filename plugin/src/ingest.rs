@@ -32,9 +32,18 @@ use std::time::{Duration, Instant};
 /// Most leaves committed in one transaction.
 const MAX_GROUP: usize = 8192;
 
+/// When a waiting responder is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Answer {
+    /// Once the message is judged, before its commit.
+    Judged,
+    /// Once it is committed (as a leaf or as a rejection).
+    Committed,
+}
+
 pub(crate) enum IngestItem {
     /// A message, and who waits for its outcome.
-    Message(Message, Option<Responder>),
+    Message(Message, Option<(Responder, Answer)>),
     Gap {
         missed: u64,
         at_ms: u64,
@@ -113,7 +122,15 @@ impl Sink for Intake {
             return Ok(());
         }
         Metrics::inc(&self.metrics.messages_received_total);
-        self.send(IngestItem::Message(msg, Some(done)))
+        self.send(IngestItem::Message(msg, Some((done, Answer::Committed))))
+    }
+
+    fn submit_judged(&self, msg: Message, done: Responder) -> Result<(), Closed> {
+        if msg.topic == PROOF_REQUEST_TOPIC || msg.topic.starts_with(OWN_PREFIX) {
+            return self.submit(msg, done);
+        }
+        Metrics::inc(&self.metrics.messages_received_total);
+        self.send(IngestItem::Message(msg, Some((done, Answer::Judged))))
     }
 
     fn redelivered(&self, _behind: u64) {
@@ -336,17 +353,17 @@ impl Ingest {
     }
 
     fn judge(&self, msg: Message) -> Judged {
-        if !is_envelope(&msg.payload) {
-            if self.policy.requires_signature(&msg.topic) {
-                let r = rejection(
-                    &msg,
-                    Reason::SignatureRequired,
-                    "this topic accepts only signed envelopes".into(),
-                    None,
-                );
-                return Judged::Rejected(r);
-            }
+        if self.policy.takes_plain(&msg.topic, &msg.payload) {
             return Judged::Plain(msg);
+        }
+        if !is_envelope(&msg.payload) {
+            let r = rejection(
+                &msg,
+                Reason::SignatureRequired,
+                "this topic accepts only signed envelopes".into(),
+                None,
+            );
+            return Judged::Rejected(r);
         }
         if msg.payload.len() > self.policy.max_envelope_bytes {
             let detail = format!(
@@ -386,7 +403,7 @@ impl Ingest {
     }
 
     fn process(&mut self, items: impl Iterator<Item = IngestItem>) {
-        let judged: Vec<(Judged, Option<Responder>)> = items
+        let judged: Vec<(Judged, Option<(Responder, Answer)>)> = items
             .filter_map(|item| match item {
                 IngestItem::Message(m, r) => Some((self.judge(m), r)),
                 IngestItem::Gap { missed, at_ms } => Some((Judged::Gap { missed, at_ms }, None)),
@@ -417,7 +434,7 @@ impl Ingest {
         for (j, responder) in judged {
             let (leaves, rejections) = (commit.leaves.len(), commit.rejections.len());
             self.take(j, &mut valid, &mut commit, &mut counters, &mut leaf_counters);
-            if let Some(r) = responder {
+            if let Some((r, answer)) = responder {
                 let slot = if commit.leaves.len() > leaves {
                     Slot::Leaf(leaves)
                 } else if commit.rejections.len() > rejections {
@@ -425,6 +442,19 @@ impl Ingest {
                 } else {
                     Slot::Dropped
                 };
+                if answer == Answer::Judged {
+                    // The verdict is known; the commit need not be awaited.
+                    match slot {
+                        Slot::Leaf(_) => r(Outcome::Accepted),
+                        Slot::Rejection(i) => {
+                            if let Some(rej) = commit.rejections.get(i) {
+                                r(Outcome::Rejected { reason: rej.reason, detail: rej.detail.clone() })
+                            }
+                        }
+                        Slot::Dropped => {}
+                    }
+                    continue;
+                }
                 waiting.push((r, slot));
             }
         }

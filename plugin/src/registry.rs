@@ -32,6 +32,13 @@ impl DevicePolicy {
     pub fn requires_signature(&self, topic: &str) -> bool {
         self.require_signature.iter().any(|f| topic_matches(f, topic))
     }
+
+    /// Whether ingest takes this message as a plain leaf, whatever the
+    /// registry holds: not an envelope, on a topic that does not require
+    /// one. A source may deliver such a message before ingest sees it.
+    pub fn takes_plain(&self, topic: &str, payload: &[u8]) -> bool {
+        !notary_proof::envelope::is_envelope(payload) && !self.requires_signature(topic)
+    }
 }
 
 /// A key fit to enrol: a valid ed25519 point of large order.

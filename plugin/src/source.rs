@@ -1,8 +1,9 @@
 //! What the pipeline needs from a broker, and nothing more: a stream of
 //! messages in ([`Sink`]) and a way to publish answers out ([`Outbox`]).
 //!
-//! The embedded rumqttd link is one source (`embedded.rs`); a subscription on
-//! an external broker is another. No broker type appears outside its adapter.
+//! The embedded broker's publish hook is one source (`embedded/`); a
+//! subscription on an external broker is another. No broker type appears
+//! outside its adapter.
 
 /// One message as a source received it.
 #[derive(Debug, Clone)]
@@ -18,6 +19,9 @@ pub struct Message {
 pub enum Outcome {
     /// Committed as the leaf with this sequence number: durable.
     Notarized { seq: u64 },
+    /// Judged fit for the log; its commit follows (the answer of
+    /// [`Sink::submit_judged`] for a message that will become a leaf).
+    Accepted,
     /// Recorded as rejected (stored, counted, announced), never a leaf.
     Rejected { reason: crate::reason::Reason, detail: String },
     /// Not for the log: a proof request, or a topic the notary owns.
@@ -44,6 +48,12 @@ pub trait Sink: Send + Sync {
     /// An embedded broker acknowledges and routes a message only after
     /// this answer.
     fn submit(&self, msg: Message, done: Responder) -> Result<(), Closed>;
+
+    /// Hands over one message like `submit`, but calls `done` as soon as
+    /// the message is judged: [`Outcome::Accepted`] (its commit follows)
+    /// or [`Outcome::Rejected`]. For deliveries that need the verdict but
+    /// promise the publisher nothing (MQTT QoS 0).
+    fn submit_judged(&self, msg: Message, done: Responder) -> Result<(), Closed>;
 
     /// Reports that the source lost `missed` messages before they reached
     /// the pipeline (e.g. the broker's buffer overflowed).

@@ -155,6 +155,8 @@ fn every_rejection_reason_is_published_counted_and_recorded() {
     n.registry(&["add", "gone", "--public-key", &old_public]);
     n.registry(&["revoke", "gone"]);
     let sub = Subscriber::start(n.mqtt, &["notary/rejections"], &[]);
+    // Judged before delivered: a device subscriber sees no rejected message.
+    let devices_sub = Subscriber::start(n.mqtt, &["secure/#"], &["-F", "%t %x"]);
 
     let valid = envelope(&key, "good", "secure/a", 5, b"{\"v\":1}");
     let mut truncated = valid.clone();
@@ -217,9 +219,23 @@ fn every_rejection_reason_is_published_counted_and_recorded() {
     assert_eq!(answer["status"], "rejected", "{answer}");
     assert_eq!(answer["rejections"][0]["reason"], "bad-signature", "{answer}");
 
+    // MQTT 5 publishers learn why: PUBACK reason 0x87 (not authorized) or
+    // 0x99 (payload format invalid), with the rejection as reason string.
+    for (payload, code) in [(&cases[4].2, "RC:135"), (&cases[0].2, "RC:153")] {
+        let out = publish(n.mqtt, "secure/a", payload, &["-V", "mqttv5", "-d"]);
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.contains(code), "{said}");
+        sub.next_message();
+    }
+
     // The valid envelope is accepted once; the captured copy is a replay.
     assert!(publish(n.mqtt, "secure/a", &valid, &[]).status.success());
     verify_device_signed(&n, &n.wait_proof(&valid), &valid, "good");
+    // It is the first message the device subscriber got: every rejected
+    // one before it was withheld.
+    let (topic, first) = devices_sub.next_message();
+    assert_eq!(topic, "secure/a");
+    assert_eq!(first, hex::encode(&valid), "a rejected message reached a subscriber");
     assert!(publish(n.mqtt, "secure/a", &valid, &[]).status.success());
     let (_, event) = sub.next_message();
     assert!(event.contains("\"reason\":\"replay\""), "{event}");

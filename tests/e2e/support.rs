@@ -7,6 +7,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_mqtt-notary");
@@ -341,15 +342,16 @@ impl Drop for BackgroundPublisher {
 }
 
 impl Notary {
-    /// `mqtt-notary run` with a config file, under an open-file limit.
-    pub fn start_limited(dir: &Path, config: PathBuf, fd_limit: u32) -> Notary {
+    /// `mqtt-notary run` with a config file and environment, under an
+    /// open-file limit.
+    pub fn start_limited(dir: &Path, config: PathBuf, fd_limit: u32, env: &[(&str, &str)]) -> Notary {
         let mut n = Notary {
             dir: dir.join("data"),
             mqtt: free_port(),
             http: free_port(),
             config: Some(config),
             upstream: None,
-            env: Vec::new(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             extra_args: Vec::new(),
             fd_limit: Some(fd_limit),
             child: None,
@@ -921,4 +923,65 @@ pub fn test_certs(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         "cert.pem",
     ]);
     (p("ca.pem"), p("cert.pem"), p("key.pem"))
+}
+
+/// An `acked_publisher.py` process (tests/conformance) and the payloads
+/// acknowledged to it, in the order their acknowledgements came.
+pub struct AckedPublisher {
+    child: Child,
+    acked: Arc<Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AckedPublisher {
+    pub fn start(port: u16, prefix: &str, qos: u8, v5: bool, extra: &[&str]) -> AckedPublisher {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/conformance/acked_publisher.py");
+        let mut cmd = Command::new("python3");
+        cmd.arg(&script).args([
+            "--port",
+            &port.to_string(),
+            "--topic",
+            &format!("durable/{prefix}"),
+            "--prefix",
+            prefix,
+            "--qos",
+            &qos.to_string(),
+        ]);
+        if v5 {
+            cmd.arg("--v5");
+        }
+        cmd.args(extra);
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("python3 runs");
+        let stdout = child.stdout.take().expect("stdout");
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let sink = acked.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                sink.lock().expect("lock").push(line);
+            }
+        });
+        AckedPublisher { child, acked, reader: Some(reader) }
+    }
+
+    pub fn count(&self) -> usize {
+        self.acked.lock().expect("lock").len()
+    }
+
+    /// Waits for the publisher to end (all sent and acknowledged, or the
+    /// broker went away) and returns every payload acknowledged to it.
+    pub fn finish(mut self) -> Vec<String> {
+        eventually("the publisher to notice the broker is gone", || self.child.try_wait().ok().flatten());
+        if let Some(r) = self.reader.take() {
+            r.join().expect("reader");
+        }
+        let acked = self.acked.lock().expect("lock");
+        acked.clone()
+    }
+}
+
+impl Drop for AckedPublisher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

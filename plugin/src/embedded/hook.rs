@@ -1,0 +1,242 @@
+//! The notary's rmqtt hook: every publish is judged (and, for QoS 1/2 by
+//! default, committed) before rmqtt forwards or acknowledges it.
+
+use super::{AckMode, EmbeddedSettings, RejectV311};
+use crate::auth::PasswordFile;
+use crate::reason::Reason;
+use crate::registry::DevicePolicy;
+use crate::source::{now_ms, Message, Outcome, Sink};
+use async_trait::async_trait;
+use rmqtt::codec::v5::PublishAckReason;
+use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType};
+use rmqtt::types::{
+    AuthResult, ConnectInfo, FromType, LastWill, Publish, PublishAclResult, PublishResult, QoS,
+};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+
+/// MQTT protocol level 5 in CONNECT.
+const MQTT_LEVEL_5: u8 = 5;
+
+/// One message on its way from the hook to the pipeline.
+pub(super) enum Work {
+    /// Already judged (a plain message): hand it over, nobody waits.
+    Deliver(Message),
+    /// Hand it over and answer once it is judged (`committed == false`)
+    /// or committed.
+    Submit { msg: Message, committed: bool, answer: oneshot::Sender<Outcome> },
+}
+
+/// Runs on its own thread: the pipeline's [`Sink`] may block while its
+/// queue is full, which must never stall the broker's async workers. The
+/// hook waits on the bounded channel instead (back-pressure to the
+/// publisher's connection).
+pub(super) fn hand_off(mut rx: mpsc::Receiver<Work>, sink: Arc<dyn Sink>) {
+    while let Some(work) = rx.blocking_recv() {
+        let handed = match work {
+            Work::Deliver(msg) => sink.deliver(msg),
+            Work::Submit { msg, committed, answer } => {
+                let done = Box::new(move |o: Outcome| {
+                    let _ = answer.send(o);
+                });
+                if committed {
+                    sink.submit(msg, done)
+                } else {
+                    sink.submit_judged(msg, done)
+                }
+            }
+        };
+        if handed.is_err() {
+            // The pipeline is closed (shutdown). Dropping the receiver
+            // refuses every later publish in its hook, unacknowledged;
+            // the `answer` senders dropped with their work answer "not
+            // committed" the same way.
+            return;
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(super) struct NotaryHook {
+    work: mpsc::Sender<Work>,
+    policy: Arc<DevicePolicy>,
+    passwords: Option<Arc<PasswordFile>>,
+    ack: AckMode,
+    reject_v311: RejectV311,
+    /// The listener probe's client id, refused quietly.
+    probe_id: String,
+    max_payload: usize,
+}
+
+impl NotaryHook {
+    pub(super) fn new(s: &EmbeddedSettings, work: mpsc::Sender<Work>, probe_id: String) -> Self {
+        NotaryHook {
+            work,
+            probe_id,
+            max_payload: s.max_payload_bytes,
+            policy: Arc::new(s.policy.clone()),
+            passwords: s.passwords.clone(),
+            ack: s.ack,
+            reject_v311: s.reject_v311,
+        }
+    }
+
+    /// The verdict on one client publish, as rmqtt's ACL result.
+    async fn check_publish(&self, v5: bool, publish: &Publish) -> PublishResult {
+        let topic: &str = &publish.topic;
+        if let Some(why) = topic_name_problem(topic) {
+            tracing::debug!(topic, why, "publish refused: invalid topic name");
+            return PublishResult::reason_code(PublishAckReason::TopicNameInvalid, Some(why.into()), true);
+        }
+        if publish.payload.len() > self.max_payload {
+            let why =
+                format!("payload of {} bytes; the limit is {}", publish.payload.len(), self.max_payload);
+            tracing::debug!(topic, %why, "publish refused: too large");
+            return PublishResult::reason_code(
+                PublishAckReason::ImplementationSpecificError,
+                Some(why.into()),
+                true,
+            );
+        }
+        let msg =
+            Message { topic: topic.to_owned(), payload: publish.payload.to_vec(), received_at_ms: now_ms() };
+        let early = publish.qos == QoS::AtMostOnce || self.ack == AckMode::OnReceipt;
+        if early && self.policy.takes_plain(&msg.topic, &msg.payload) {
+            return match self.work.send(Work::Deliver(msg)).await {
+                Ok(()) => PublishResult::success(),
+                Err(_) => not_committed(),
+            };
+        }
+        let (answer, outcome) = oneshot::channel();
+        if self.work.send(Work::Submit { msg, committed: !early, answer }).await.is_err() {
+            return not_committed();
+        }
+        match outcome.await {
+            Ok(Outcome::Notarized { .. } | Outcome::Accepted | Outcome::NotLogged) => {
+                PublishResult::success()
+            }
+            Ok(Outcome::Rejected { reason, detail }) => self.rejected(v5, reason, &detail),
+            Err(_) => not_committed(),
+        }
+    }
+
+    fn rejected(&self, v5: bool, reason: Reason, detail: &str) -> PublishResult {
+        if !v5 {
+            let disconnect = self.reject_v311 == RejectV311::Disconnect;
+            return PublishResult::reason_code(PublishAckReason::NotAuthorized, None, disconnect);
+        }
+        let code = match reason {
+            Reason::MalformedEnvelope | Reason::UnsupportedAlg | Reason::Oversize => {
+                PublishAckReason::PayloadFormatInvalid
+            }
+            Reason::Unstorable => PublishAckReason::ImplementationSpecificError,
+            Reason::UnknownDevice
+            | Reason::RevokedDevice
+            | Reason::BadSignature
+            | Reason::Replay
+            | Reason::TopicMismatch
+            | Reason::SignatureRequired => PublishAckReason::NotAuthorized,
+        };
+        PublishResult::reason_code(code, Some(format!("{reason}: {detail}").into()), false)
+    }
+
+    /// A CONNECT: its will is judged now (it is published later, when no
+    /// publisher is left to tell), then its login.
+    async fn authenticate(&self, info: &ConnectInfo) -> AuthResult {
+        if *info.id().client_id == *self.probe_id {
+            return AuthResult::NotAuthorized;
+        }
+        if let Some(will) = info.last_will() {
+            let (topic, payload) = match will {
+                LastWill::V3(w) => (&w.topic, &w.message),
+                LastWill::V5(w) => (&w.topic, &w.message),
+            };
+            if let Some(why) = topic_name_problem(topic) {
+                tracing::debug!(client = %info.id().client_id, why, "CONNECT refused: invalid will topic");
+                return AuthResult::NotAuthorized;
+            }
+            if !self.policy.takes_plain(topic, payload) {
+                // A signed will's counter and signature could only be
+                // judged when it fires, too late to refuse it.
+                tracing::warn!(client = %info.id().client_id, %topic, "CONNECT refused: a will must be a plain message on a topic that does not require signatures");
+                return AuthResult::NotAuthorized;
+            }
+        }
+        let Some(passwords) = self.passwords.clone() else {
+            return AuthResult::Allow(false, None);
+        };
+        let user = info.username().map(|u| u.to_string()).unwrap_or_default();
+        let password = info.password().map(|p| p.to_vec()).unwrap_or_default();
+        // PBKDF2 (as many iterations as the file says) runs on the blocking
+        // pool, never on the threads that serve connections.
+        let name = user.clone();
+        let ok =
+            tokio::task::spawn_blocking(move || passwords.check(&name, &password)).await.unwrap_or(false);
+        if ok {
+            AuthResult::Allow(false, None)
+        } else {
+            tracing::warn!(%user, "MQTT login refused");
+            AuthResult::BadUsernameOrPassword
+        }
+    }
+
+    /// A will about to be sent: notarized first. It was judged a plain
+    /// message at CONNECT, so the pipeline takes it as a leaf.
+    async fn notarize_will(&self, publish: &Publish) {
+        let msg = Message {
+            topic: publish.topic.to_string(),
+            payload: publish.payload.to_vec(),
+            received_at_ms: now_ms(),
+        };
+        let (answer, outcome) = oneshot::channel();
+        let sent = self.work.send(Work::Submit { msg, committed: true, answer }).await;
+        if sent.is_err() || outcome.await.is_err() {
+            tracing::warn!(topic = %publish.topic, "a will was sent before it could be notarized (shutting down)");
+        }
+    }
+}
+
+#[async_trait]
+impl Handler for NotaryHook {
+    async fn hook(&self, param: &Parameter, acc: Option<HookResult>) -> ReturnType {
+        match param {
+            Parameter::MessagePublishCheckAcl(session, publish) => {
+                let v5 = session.protocol().await.is_ok_and(|v| v == MQTT_LEVEL_5);
+                let verdict = self.check_publish(v5, publish).await;
+                (false, Some(HookResult::PublishAclResult(PublishAclResult(verdict))))
+            }
+            Parameter::ClientAuthenticate(info) => {
+                (false, Some(HookResult::AuthResult(self.authenticate(info).await)))
+            }
+            Parameter::MessagePublish(_, from, publish) if matches!(from.typ(), FromType::LastWill) => {
+                self.notarize_will(publish).await;
+                (true, acc)
+            }
+            _ => (true, acc),
+        }
+    }
+}
+
+/// Why a PUBLISH's topic name is not one (MQTT 3.1.1 §4.7, 5.0 §4.7):
+/// empty, wildcards, or U+0000. The codec has checked its UTF-8.
+pub(super) fn topic_name_problem(topic: &str) -> Option<&'static str> {
+    if topic.is_empty() {
+        Some("empty topic name (MQTT-4.7.3-1)")
+    } else if topic.contains(['+', '#']) {
+        Some("wildcard in a topic name (MQTT-3.3.2-2)")
+    } else if topic.contains('\0') {
+        Some("U+0000 in a topic name (MQTT-4.7.3-2)")
+    } else {
+        None
+    }
+}
+
+/// The pipeline stopped before the message was committed: no
+/// acknowledgement, the connection closes, the client sends it again.
+fn not_committed() -> PublishResult {
+    PublishResult::reason_code(
+        PublishAckReason::UnspecifiedError,
+        Some("not committed: the notary is shutting down".into()),
+        true,
+    )
+}
