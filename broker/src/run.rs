@@ -137,12 +137,16 @@ fn embedded_settings(cfg: &Config) -> anyhow::Result<EmbeddedSettings> {
     })
 }
 
-/// Plain rmqtt on `listen` with the default `[mqtt]` settings and no
-/// notary hook: the benchmark's baseline, the same broker our pipeline
-/// embeds. Runs until the process ends.
+/// Plain rmqtt on `listen` and no notary hook: the benchmark's baseline,
+/// the same broker our pipeline embeds. Tuned like the benchmark's
+/// Mosquitto so that it does not drop QoS 1 messages a fast subscriber
+/// cannot take at once (1,000 in flight, queues without a practical limit).
+/// Runs until the process ends.
 pub fn plain_rmqtt(listen: std::net::SocketAddr) -> anyhow::Result<()> {
     let mut cfg = Config::default();
     cfg.mqtt.listen = listen;
+    cfg.mqtt.max_inflight = 1000;
+    cfg.mqtt.max_queued_messages = 100_000_000;
     let settings = embedded_settings(&cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(embedded::run_plain(&settings))?;

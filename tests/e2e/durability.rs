@@ -57,3 +57,20 @@ fn sigterm_under_qos1_load_loses_no_acknowledged_message() {
         assert!(code == 0 || code == 3, "exit code {code}");
     });
 }
+
+#[test]
+fn ack_on_receipt_acknowledges_before_the_commit() {
+    // The opt-in mode for gateways: acknowledged once judged. Shown by a
+    // store locked from outside: the PUBACK comes while nothing can be
+    // committed, and the proof once the lock is released.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let config = fast_config(tmp.path(), "[mqtt]\nack = \"on-receipt\"\n");
+    let n = Notary::start_with(tmp.path(), Some(config));
+    let conn = rusqlite::Connection::open(n.dir.join("notary.sqlite")).expect("store");
+    conn.execute_batch("BEGIN IMMEDIATE").expect("take the write lock");
+    let out = publish(n.mqtt, "receipt/t", b"acknowledged early", &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(n.get(&format!("/v1/proofs/{}", blake3_hex(b"acknowledged early"))).0, 404, "not committed yet");
+    conn.execute_batch("COMMIT").expect("release");
+    n.wait_proof(b"acknowledged early");
+}

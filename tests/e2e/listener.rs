@@ -175,3 +175,99 @@ fn a_fleet_larger_than_max_connections_retrying_with_their_ids_does_not_wedge() 
     });
     healthy_and_serving(&n, "a fleet past max_connections");
 }
+
+/// One HTTP/1.1 request on a kept-alive connection: (status, body).
+fn http_on(s: &mut TcpStream, path: &str) -> (u16, String) {
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: notary\r\n\r\n").as_bytes()).expect("request");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).expect("response head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let len = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned()))
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).expect("response body");
+    (status, String::from_utf8_lossy(&body).to_string())
+}
+
+#[test]
+fn healthz_names_the_mqtt_listener_while_it_cannot_take_clients() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let config = fast_config(tmp.path(), "[ingest]\nstall_ms = 300\n");
+    let n = Notary::start_limited(tmp.path(), config, 128, &[]);
+    // Asked on a connection opened before the descriptors run out.
+    let mut http = TcpStream::connect(("127.0.0.1", n.http)).expect("HTTP");
+    http.set_read_timeout(Some(PATIENCE)).expect("timeout");
+    assert_eq!(http_on(&mut http, "/healthz").0, 200);
+    let hold: Vec<TcpStream> = (0..200).filter_map(|_| TcpStream::connect(("127.0.0.1", n.mqtt)).ok()).collect();
+    let body = eventually("/healthz to name the MQTT listener", || {
+        let (status, body) = http_on(&mut http, "/healthz");
+        (status == 503 && body.contains("mqtt_listener")).then_some(body)
+    });
+    assert!(body.contains("CONNACK") || body.contains("CONNECT"), "{body}");
+    drop(hold);
+    eventually("/healthz to be ok again", || (n.health().0 == 200).then_some(()));
+    healthy_and_serving(&n, "the listener recovered");
+}
+
+#[test]
+fn a_will_is_notarized_before_it_is_sent_and_a_signed_will_is_refused_at_connect() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let config = fast_config(tmp.path(), "[devices]\nrequire_signature = [\"secure/#\"]\n");
+    let n = Notary::start_with(tmp.path(), Some(config));
+    let sub = Subscriber::start(n.mqtt, &["wills/#"], &[]);
+    let will = |topic: &str, payload: &[u8]| {
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02 | 0x04 | 0x08, 0, 60];
+        for field in [b"willing".as_slice(), topic.as_bytes(), payload] {
+            body.extend_from_slice(&(field.len() as u16).to_be_bytes());
+            body.extend_from_slice(field);
+        }
+        let mut p = vec![0x10, body.len() as u8];
+        p.extend_from_slice(&body);
+        p
+    };
+    let mut s = open(n.mqtt);
+    s.write_all(&will("wills/device-1", b"device-1 went away")).expect("CONNECT with a will");
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).expect("CONNACK");
+    assert_eq!(ack[3], 0, "a plain will is accepted");
+    drop(socket2_reset(s));
+    let (topic, payload) = sub.next_message();
+    assert_eq!((topic.as_str(), payload.as_str()), ("wills/device-1", "device-1 went away"));
+    // Notarized before it was sent: the proof is there (committed) already.
+    let status = n.get(&format!("/v1/proofs/{}", blake3_hex(b"device-1 went away"))).0;
+    assert!(status == 200 || status == 202, "the will was sent before its commit ({status})");
+    n.wait_proof(b"device-1 went away");
+
+    // A will the notary could only judge when it fires is refused now.
+    let mut s = open(n.mqtt);
+    s.write_all(&will("secure/x", b"unsigned on a signed topic")).expect("CONNECT");
+    s.read_exact(&mut ack).expect("CONNACK");
+    assert_eq!(ack[3], 5, "CONNACK 5 (not authorized)");
+    healthy_and_serving(&n, "wills");
+}
+
+#[test]
+fn reject_v311_disconnect_closes_a_rejected_publishers_connection_without_a_puback() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let config = fast_config(
+        tmp.path(),
+        "[mqtt]\nreject_v311 = \"disconnect\"\n[devices]\nrequire_signature = [\"secure/#\"]\n",
+    );
+    let n = Notary::start_with(tmp.path(), Some(config));
+    let mut s = open(n.mqtt);
+    assert_eq!(connack(&mut s, "unsigned-device"), 0);
+    s.write_all(&publish_packet("secure/x", b"unsigned")).expect("PUBLISH");
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(!rest.contains(&0x40), "a PUBACK came: {rest:?}");
+    assert_eq!(n.get(&format!("/v1/proofs/{}", blake3_hex(b"unsigned"))).0, 422, "recorded as rejected");
+    healthy_and_serving(&n, "a disconnected rejected publisher");
+}
