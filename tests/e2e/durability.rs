@@ -70,7 +70,11 @@ fn ack_on_receipt_acknowledges_before_the_commit() {
     conn.execute_batch("BEGIN IMMEDIATE").expect("take the write lock");
     let out = publish(n.mqtt, "receipt/t", b"acknowledged early", &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(n.get(&format!("/v1/proofs/{}", blake3_hex(b"acknowledged early"))).0, 404, "not committed yet");
+    assert_eq!(
+        n.get(&format!("/v1/proofs/{}", blake3_hex(b"acknowledged early"))).0,
+        404,
+        "not committed yet"
+    );
     conn.execute_batch("COMMIT").expect("release");
     n.wait_proof(b"acknowledged early");
 }

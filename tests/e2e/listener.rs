@@ -206,7 +206,8 @@ fn healthz_names_the_mqtt_listener_while_it_cannot_take_clients() {
     let mut http = TcpStream::connect(("127.0.0.1", n.http)).expect("HTTP");
     http.set_read_timeout(Some(PATIENCE)).expect("timeout");
     assert_eq!(http_on(&mut http, "/healthz").0, 200);
-    let hold: Vec<TcpStream> = (0..200).filter_map(|_| TcpStream::connect(("127.0.0.1", n.mqtt)).ok()).collect();
+    let hold: Vec<TcpStream> =
+        (0..200).filter_map(|_| TcpStream::connect(("127.0.0.1", n.mqtt)).ok()).collect();
     let body = eventually("/healthz to name the MQTT listener", || {
         let (status, body) = http_on(&mut http, "/healthz");
         (status == 503 && body.contains("mqtt_listener")).then_some(body)
