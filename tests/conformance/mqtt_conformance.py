@@ -318,6 +318,15 @@ def mqtt_3_1_4_2_reset_before_connack_then_reconnect_still_works():
     d.close()
 
 
+def mqtt_3_1_2_24_a_silent_client_is_closed_after_one_and_a_half_keep_alives():
+    r = Raw()
+    r.s.settimeout(WAIT + 3)  # a bound on the close, which is due after 3 s
+    r.send(raw_connect(uid(), keepalive=2))
+    check(r.connack()[1] == 0, "CONNECT refused")
+    check(r.closed(), "a client silent past 1.5 x its keep-alive was not disconnected")
+    r.close()
+
+
 def mqtt_3_3_2_2_wildcard_topic_name_closes():
     r = Raw()
     r.send(raw_connect(uid()))
@@ -756,6 +765,20 @@ def mqtt5_3_2_2_connack_announces_receive_maximum_and_it_holds():
     check(len(got) == min(rm, 50) + 5, "messages lost")
     c.close()
     s.close()
+
+
+def mqtt5_3_2_2_21_the_server_keep_alive_is_the_one_enforced():
+    r = Raw()
+    r.send(raw_connect(uid(), keepalive=2, level=5))
+    body = r.connack()
+    check(body[1] == 0, f"CONNECT refused with 0x{body[1]:02x}")
+    props = Properties(PacketTypes.CONNACK)
+    props.unpack(body[2:])
+    keep_alive = getattr(props, "ServerKeepAlive", 2)  # absent: the client's holds
+    check(keep_alive > 0, "server keep-alive 0: a silent client is never closed")
+    r.s.settimeout(1.5 * keep_alive + WAIT)  # a bound on the close, not a wait
+    check(r.closed(), f"a client silent past 1.5 x the keep-alive of {keep_alive} s was not disconnected")
+    r.close()
 
 
 def mqtt5_3_1_2_11_session_expiry_keeps_the_session():

@@ -272,3 +272,88 @@ fn reject_v311_disconnect_closes_a_rejected_publishers_connection_without_a_puba
     assert_eq!(n.get(&format!("/v1/proofs/{}", blake3_hex(b"unsigned"))).0, 422, "recorded as rejected");
     healthy_and_serving(&n, "a disconnected rejected publisher");
 }
+
+/// Reads one MQTT packet: (first byte, body).
+fn read_packet(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut head = [0u8; 1];
+    s.read_exact(&mut head).expect("a packet");
+    let (mut len, mut shift) = (0usize, 0);
+    loop {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).expect("remaining length");
+        len |= usize::from(b[0] & 0x7f) << shift;
+        shift += 7;
+        if b[0] & 0x80 == 0 {
+            break;
+        }
+    }
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).expect("packet body");
+    (head[0], body)
+}
+
+/// The next QoS 1 PUBLISH's payload, acknowledged.
+fn next_qos1_payload(s: &mut TcpStream, topic: &str) -> String {
+    let (head, body) = read_packet(s);
+    assert_eq!(head & 0xf6, 0x32, "expected a QoS 1 PUBLISH, got {head:#x}");
+    let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+    assert_eq!(&body[2..2 + topic_len], topic.as_bytes());
+    let id = &body[2 + topic_len..4 + topic_len];
+    s.write_all(&[0x40, 2, id[0], id[1]]).expect("PUBACK");
+    String::from_utf8_lossy(&body[4 + topic_len..]).into_owned()
+}
+
+/// A persistent (clean session 0) MQTT 3.1.1 connection with this
+/// keep-alive; returns the CONNACK's session-present flag.
+fn resume(s: &mut TcpStream, client_id: &str, keep_alive: u8) -> bool {
+    let mut packet = connect_packet(client_id);
+    packet[9] = 0; // connect flags: clean session off
+    packet[11] = keep_alive;
+    s.write_all(&packet).expect("send CONNECT");
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).expect("CONNACK");
+    assert_eq!((ack[0], ack[3]), (0x20, 0), "CONNACK {ack:?}");
+    ack[2] == 1
+}
+
+#[test]
+fn a_full_offline_queue_drops_its_oldest_message_counted_and_still_notarized() {
+    const LIMIT: usize = 5;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let config = fast_config(tmp.path(), &format!("[mqtt]\nmax_queued_messages = {LIMIT}\n"));
+    let n = Notary::start_with(tmp.path(), Some(config));
+    let topic = "queue/t";
+
+    let mut s = open(n.mqtt);
+    assert!(!resume(&mut s, "queued-sub", 1), "a new session");
+    let mut sub = vec![0x82, (5 + topic.len()) as u8, 0, 1, 0, topic.len() as u8];
+    sub.extend_from_slice(topic.as_bytes());
+    sub.push(1);
+    s.write_all(&sub).expect("SUBSCRIBE");
+    assert_eq!(read_packet(&mut s), (0x90, vec![0, 1, 1]), "SUBACK granting QoS 1");
+    // rmqtt leaves closing to the client after a DISCONNECT (the spec's
+    // "should"); the keep-alive of 1 s closes it from the server's side,
+    // which marks the end of the connection on the broker.
+    s.write_all(&[0xe0, 0]).expect("DISCONNECT");
+    assert!(closed_by_server(&mut s));
+
+    let lines: Vec<String> = (0..4 * LIMIT).map(|i| format!("queued-{i}")).collect();
+    publish_lines(n.mqtt, topic, 1, &lines);
+
+    let mut s = open(n.mqtt);
+    assert!(resume(&mut s, "queued-sub", 60), "the session was kept");
+    let got: Vec<String> = (0..LIMIT).map(|_| next_qos1_payload(&mut s, topic)).collect();
+    assert_eq!(got, lines[lines.len() - LIMIT..], "the newest messages, in order");
+    // Nothing else was queued: the next message is one sent now.
+    assert!(publish(n.mqtt, topic, b"after the queue", &[]).status.success());
+    assert_eq!(next_qos1_payload(&mut s, topic), "after the queue");
+
+    let dropped = (3 * LIMIT) as u64;
+    eventually("the dropped deliveries to be counted", || {
+        (n.metric("mqtt_deliveries_dropped_total") == dropped).then_some(())
+    });
+    for l in &lines {
+        n.wait_proof(l.as_bytes());
+    }
+    healthy_and_serving(&n, "a full session queue");
+}

@@ -3,6 +3,7 @@
 
 use super::{AckMode, EmbeddedSettings, RejectV311};
 use crate::auth::PasswordFile;
+use crate::metrics::Metrics;
 use crate::reason::Reason;
 use crate::registry::DevicePolicy;
 use crate::source::{now_ms, Message, Outcome, Sink};
@@ -12,6 +13,7 @@ use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType};
 use rmqtt::types::{
     AuthResult, ConnectInfo, FromType, LastWill, Publish, PublishAclResult, PublishResult, QoS,
 };
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
@@ -66,12 +68,19 @@ pub(super) struct NotaryHook {
     /// The listener probe's client id, refused quietly.
     probe_id: String,
     max_payload: usize,
+    metrics: Arc<Metrics>,
 }
 
 impl NotaryHook {
-    pub(super) fn new(s: &EmbeddedSettings, work: mpsc::Sender<Work>, probe_id: String) -> Self {
+    pub(super) fn new(
+        s: &EmbeddedSettings,
+        work: mpsc::Sender<Work>,
+        probe_id: String,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         NotaryHook {
             work,
+            metrics,
             probe_id,
             max_payload: s.max_payload_bytes,
             policy: Arc::new(s.policy.clone()),
@@ -210,6 +219,17 @@ impl Handler for NotaryHook {
             }
             Parameter::MessagePublish(_, from, publish) if matches!(from.typ(), FromType::LastWill) => {
                 self.notarize_will(publish).await;
+                (true, acc)
+            }
+            // A delivery to one subscriber dropped (its queue full, the
+            // message expired, its session ended). Refusals of our own
+            // arrive here too, without a receiver: those are rejections.
+            Parameter::MessageDropped(Some(to), _, publish, reason) => {
+                let n = self.metrics.mqtt_deliveries_dropped_total.fetch_add(1, Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(to = %to.client_id, topic = %publish.topic, %reason, dropped = n,
+                        "the embedded broker dropped a delivery; the message itself is notarized");
+                }
                 (true, acc)
             }
             _ => (true, acc),

@@ -173,11 +173,12 @@ pub async fn start(
     let mut nonce = [0u8; 8];
     getrandom::getrandom(&mut nonce).map_err(broker_err)?;
     let probe_id = format!("$notary-probe-{}", hex::encode(nonce));
-    let hook = NotaryHook::new(settings, work_tx, probe_id.clone());
+    let hook = NotaryHook::new(settings, work_tx, probe_id.clone(), metrics.clone());
     let register = scx.extends.hook_mgr().register();
     register.add(Type::ClientAuthenticate, Box::new(hook.clone())).await;
     register.add(Type::MessagePublishCheckAcl, Box::new(hook.clone())).await;
-    register.add(Type::MessagePublish, Box::new(hook)).await;
+    register.add(Type::MessagePublish, Box::new(hook.clone())).await;
+    register.add(Type::MessageDropped, Box::new(hook)).await;
     register.start().await;
 
     let server = MqttServer::new(scx.clone()).listener(listener).build();
