@@ -53,6 +53,17 @@ impl LoadSpec {
     pub fn total(&self) -> u64 {
         self.per_publisher * self.publishers as u64
     }
+
+    /// Messages of one publisher that a subscriber should receive: every
+    /// one but the broken envelopes, which the notary refuses before it
+    /// delivers them.
+    pub fn deliverable_per_publisher(&self) -> u64 {
+        self.per_publisher - self.invalid_every.map_or(0, |n| self.per_publisher / n)
+    }
+
+    pub fn deliverable(&self) -> u64 {
+        self.deliverable_per_publisher() * self.publishers as u64
+    }
 }
 
 /// Envelopes signed before the clock starts, so that signing is not part

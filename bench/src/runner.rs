@@ -452,7 +452,8 @@ fn throughput(rt: &tokio::runtime::Runtime, kind: Kind, spec: LoadSpec) -> anyho
         if kind.notarizes() && notarized_at.is_none() && n + r >= target {
             notarized_at = Some(Instant::now());
         }
-        let delivered = now.0 >= target && now.1 >= spec.per_publisher;
+        let refused = spec.total() - spec.deliverable();
+        let delivered = now.0 >= target.saturating_sub(refused) && now.1 >= spec.deliverable_per_publisher();
         if delivered && (!kind.notarizes() || notarized_at.is_some()) {
             break;
         }
@@ -490,7 +491,7 @@ fn throughput(rt: &tokio::runtime::Runtime, kind: Kind, spec: LoadSpec) -> anyho
             ours: sub.topic0(),
             mosquitto_sub: cross.as_ref().map_or(0, |c| c.topic0()),
         },
-        lost: spec.total().saturating_sub(delivered),
+        lost: spec.deliverable().saturating_sub(delivered),
         unnotarized: kind.notarizes().then(|| spec.total().saturating_sub(n + r)),
         delivered_per_s,
         notarized: kind.notarizes().then_some(n),

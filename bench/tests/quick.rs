@@ -75,6 +75,10 @@ fn quick_run_measures_every_system_and_writes_results() {
     let messages = u(spoiled, "messages");
     assert_eq!(u(spoiled, "rejected"), messages / 1000, "{spoiled}");
     assert_eq!(u(spoiled, "notarized"), messages - messages / 1000, "{spoiled}");
+    // Judged before delivered: the subscriber got every envelope but the
+    // broken ones, and the harness does not count those as lost.
+    assert_eq!(u(spoiled, "delivered"), messages - messages / 1000, "{spoiled}");
+    assert_eq!(u(spoiled, "lost"), 0, "{spoiled}");
     assert!(signed.iter().any(|s| s["invalid_per_mille"] == 0 && u(s, "rejected") == 0));
 
     // Latencies were measured for each notarizing system, over both APIs.
