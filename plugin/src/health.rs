@@ -168,9 +168,15 @@ impl Health {
         });
         let idle = now.saturating_sub(self.ingest_progress_ms.load(Relaxed));
         if queue_depth > 0 && idle >= stall_ms && !out.iter().any(|(p, _)| *p == Part::Ingest) {
+            // A commit failure too recent to count alone still says why.
+            let cause =
+                self.with(|m| m.get(&Part::Ingest).map(|f| format!("; commits failing: {}", f.error)));
             out.push((
                 Part::Ingest,
-                format!("{queue_depth} messages queued and nothing committed for {idle} ms"),
+                format!(
+                    "{queue_depth} messages queued and nothing committed for {idle} ms{}",
+                    cause.unwrap_or_default()
+                ),
             ));
         }
         out.sort_by_key(|(p, _)| *p);
@@ -219,6 +225,16 @@ mod tests {
         h.set_stopping();
         h.stopped(Part::Sealer, "the thread ended");
         assert!(h.problems(0).is_empty());
+    }
+
+    #[test]
+    fn a_stall_names_the_commit_failure_behind_it() {
+        let h = Health::new(60_000);
+        h.ingest_progress_ms.store(now_ms() - 120_000, Relaxed);
+        h.failing(Part::Ingest, "database or disk is full");
+        let p = h.problems(1);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].1.contains("nothing committed") && p[0].1.contains("disk is full"), "{p:?}");
     }
 
     #[test]
