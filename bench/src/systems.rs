@@ -60,9 +60,20 @@ log_type warning
 ";
 
 /// The notary's configuration in the benchmark: its defaults (batches of
-/// 10,000 or 1 s), a fleet of devices for signed loads.
+/// 10,000 or 1 s), a fleet of devices for signed loads, and the delivery
+/// limits every baseline gets (1,000 in flight per connection, queues
+/// without a practical limit), so no system drops what its subscriber
+/// cannot take at once while another keeps it.
+const NOTARY_MQTT_CONF: &str = "\
+[mqtt]
+max_inflight = 1000
+max_queued_messages = 100000000
+";
+
 fn notary_conf(dir: &Path, devices: usize) -> anyhow::Result<PathBuf> {
-    let mut conf = String::from("# mqtt-notary defaults, but for the enrolled bench devices.\n");
+    let mut conf = String::from("# mqtt-notary defaults, but for the enrolled bench devices and the\n");
+    conf.push_str("# baselines' delivery limits.\n");
+    conf.push_str(NOTARY_MQTT_CONF);
     if devices > 0 {
         let file = dir.join("devices.toml");
         let mut list = String::new();

@@ -2,8 +2,15 @@
 //! device envelope, or rejected), persists leaves and rejections with group
 //! commit, and hands leaf hashes to the sealer.
 //!
-//! Signatures are checked here, on the pipeline's own threads, in ed25519
-//! batches spread over the cores; rumqttd's router never waits for them.
+//! Two threads, one pipeline: the *judge* ([`Ingest`]) takes a group from
+//! the queue, checks its signatures (ed25519 batches spread over the cores),
+//! numbers its leaves and answers whoever waits only for the verdict; the
+//! *committer* ([`Committer`]) commits the judged groups in order, one
+//! transaction each, and answers whoever waits for the commit. So group
+//! N + 1 is judged while group N commits, and a verdict never waits for an
+//! unrelated `fsync`. At most [`JUDGED_AHEAD`] judged groups wait for the
+//! committer; then the judge waits too, the queue fills and the source is
+//! held back.
 //!
 //! Queue policy: the queue between source and ingest is bounded. When it is
 //! full, `deliver` blocks, so the source stops reading: the embedded broker
@@ -24,13 +31,15 @@ use ed25519_dalek::VerifyingKey;
 use notary_proof::envelope::{self, is_envelope, BATCH_SIZE};
 use notary_proof::{DeviceFields, Envelope, EnvelopeError, LeafRecord};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Most leaves committed in one transaction.
 const MAX_GROUP: usize = 8192;
+/// Judged groups that may wait for the committer.
+pub(crate) const JUDGED_AHEAD: usize = 1;
 
 /// When a waiting responder is answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,19 +178,63 @@ const REGISTRY_POLL: Duration = Duration::from_millis(200);
 /// Rejections logged one by one per group; the rest are summed up.
 const REJECTIONS_LOGGED: usize = 10;
 
-/// Ingest: the log's only writer. Judges each message (plain, signed,
-/// rejected), assigns sequence numbers, applies registry commands between
-/// groups, and commits each group in one transaction.
+/// The judge: judges each message (plain, signed, rejected), assigns
+/// sequence numbers, applies registry commands between groups, and hands
+/// each judged group to the [`Committer`].
 pub(crate) struct Ingest {
-    pub store: Store,
+    /// Its own connection: registry commands, gaps and outages.
+    pub writer: Writer,
     pub next_seq: u64,
     pub registry: Registry,
     pub policy: DevicePolicy,
+    pub committer: SyncSender<ToCommitter>,
+    /// Leaves the committer numbered lower than the judge did (after the
+    /// store refused one of them); the judge takes them off its numbering.
+    pub shift: Arc<AtomicU64>,
+}
+
+/// A store connection that commits, with the retry policy of ingest.
+pub(crate) struct Writer {
+    pub store: Store,
     pub sealer: SyncSender<SealerMsg>,
-    pub outbox: Arc<dyn Outbox>,
     pub metrics: Arc<Metrics>,
     /// Set when shutdown's deadline has passed: stop retrying commits.
     pub give_up: Arc<AtomicBool>,
+}
+
+/// What the judge sends the committer.
+pub(crate) enum ToCommitter {
+    Group(Judgement),
+    /// Answered with the next sequence number once everything sent before
+    /// is committed.
+    Sync(SyncSender<u64>),
+    /// The judge committed registry leaves after a `Sync`: numbering goes
+    /// on from here.
+    Resume(u64),
+}
+
+/// A judged group, ready to commit.
+pub(crate) struct Judgement {
+    commit: Commit,
+    /// Per leaf: the device counter it raises, for committing leaves one by
+    /// one if the store refuses the group.
+    leaf_counters: Vec<Option<(String, u64)>>,
+    /// Who waits for the commit, and where their message went.
+    waiting: Vec<(Responder, Slot)>,
+    /// Fired once this group (and every one before) is committed.
+    barriers: Vec<Box<dyn FnOnce() + Send>>,
+    /// Queue items this group took (off `queue_depth` once committed).
+    taken: i64,
+}
+
+/// The committer: the log's only writer of messages. Commits judged groups
+/// in order, answers their waiting responders, hands the leaves to the
+/// sealer and announces rejections.
+pub(crate) struct Committer {
+    pub writer: Writer,
+    pub next_seq: u64,
+    pub outbox: Arc<dyn Outbox>,
+    pub shift: Arc<AtomicU64>,
 }
 
 /// Where a message went in its group's commit.
@@ -235,15 +288,12 @@ impl Ingest {
                 self.apply_commands();
                 last_poll = Some(Instant::now());
             }
-            if self.give_up.load(Relaxed) {
+            if self.writer.give_up.load(Relaxed) {
                 break;
             }
             match rx.recv_timeout(REGISTRY_POLL) {
                 Ok(first) => group.push(first),
-                Err(RecvTimeoutError::Timeout) => {
-                    self.metrics.health.ingest_progress();
-                    continue;
-                }
+                Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => break,
             }
             while group.len() < MAX_GROUP {
@@ -253,26 +303,27 @@ impl Ingest {
                 }
             }
             let taken = group.len() as i64;
-            // Barriers fire after the group's one commit, which holds every
-            // item queued before them.
+            // Barriers fire after the commit of this group, which holds
+            // every item queued before them.
             let (barriers, items): (Vec<_>, Vec<_>) =
                 group.drain(..).partition(|i| matches!(i, IngestItem::Barrier(_)));
-            self.process(items.into_iter());
-            self.metrics.queue_depth.fetch_sub(taken, Relaxed);
-            if self.give_up.load(Relaxed) {
-                // Not committed: the barriers stay unfired (their messages
-                // are not acknowledged upstream).
+            let barriers = barriers
+                .into_iter()
+                .filter_map(|b| match b {
+                    IngestItem::Barrier(done) => Some(done),
+                    _ => None,
+                })
+                .collect();
+            let judgement = self.judge_group(items.into_iter(), barriers, taken);
+            if self.committer.send(ToCommitter::Group(judgement)).is_err() {
+                // The committer is gone (it gave up at the shutdown
+                // deadline): what it had not committed is counted there.
                 break;
-            }
-            for b in barriers {
-                if let IngestItem::Barrier(done) = b {
-                    done();
-                }
             }
         }
         let left = rx.try_iter().filter(|i| matches!(i, IngestItem::Message(..))).count();
-        if left > 0 || self.give_up.load(Relaxed) {
-            Metrics::add(&self.metrics.messages_uncommitted_total, left as u64);
+        if left > 0 || self.writer.give_up.load(Relaxed) {
+            Metrics::add(&self.writer.metrics.messages_uncommitted_total, left as u64);
             tracing::error!(
                 queued = left,
                 "ingest stopped at the shutdown deadline; queued messages were not committed"
@@ -282,9 +333,26 @@ impl Ingest {
         }
     }
 
+    /// Waits until the committer has committed everything judged so far,
+    /// and numbers on from where it ended. False if it is gone.
+    fn sync(&mut self) -> bool {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        if self.committer.send(ToCommitter::Sync(tx)).is_err() {
+            return false;
+        }
+        match rx.recv() {
+            Ok(next) => {
+                self.shift.swap(0, Relaxed);
+                self.next_seq = next;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
     /// Applies queued registry commands, each as a registry leaf.
     fn apply_commands(&mut self) {
-        let commands = match self.store.commands(false) {
+        let commands = match self.writer.store.commands(false) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read queued device commands");
@@ -292,6 +360,11 @@ impl Ingest {
             }
         };
         if commands.is_empty() {
+            return;
+        }
+        // Registry leaves take the next sequence numbers: everything judged
+        // before must be committed first, and numbered as committed.
+        if !self.sync() {
             return;
         }
         let mut commit = Commit::default();
@@ -318,8 +391,8 @@ impl Ingest {
             }
         }
         let first_seq = commit.leaves.first().map(|l| l.seq);
-        match self.persist(&commit) {
-            Persisted::Done => self.hand_to_sealer(&commit.leaves),
+        match self.writer.persist(&commit) {
+            Persisted::Done => self.writer.hand_to_sealer(&commit.leaves),
             Persisted::GaveUp => {}
             Persisted::Permanent(e) => {
                 // Refuse every command of this round, and undo their
@@ -339,17 +412,21 @@ impl Ingest {
                 if let Some(seq) = first_seq {
                     self.next_seq = seq;
                 }
-                match Registry::load(&self.store) {
+                match Registry::load(&self.writer.store) {
                     Ok(r) => self.registry = r,
-                    Err(e) => {
-                        self.metrics.health.failing(Part::Ingest, format!("cannot reload the registry: {e}"))
-                    }
+                    Err(e) => self
+                        .writer
+                        .metrics
+                        .health
+                        .failing(Part::Ingest, format!("cannot reload the registry: {e}")),
                 }
-                if !matches!(self.persist(&refused), Persisted::Done) {
+                if !matches!(self.writer.persist(&refused), Persisted::Done) {
                     tracing::error!("could not record the refused commands");
                 }
             }
         }
+        // The committer numbers on after the registry leaves.
+        let _ = self.committer.send(ToCommitter::Resume(self.next_seq));
     }
 
     fn judge(&self, msg: Message) -> Judged {
@@ -402,7 +479,18 @@ impl Ingest {
         }
     }
 
-    fn process(&mut self, items: impl Iterator<Item = IngestItem>) {
+    /// Judges a group: checks its signatures, numbers its leaves, answers
+    /// those who wait only for the verdict, and returns what is to commit.
+    fn judge_group(
+        &mut self,
+        items: impl Iterator<Item = IngestItem>,
+        barriers: Vec<Box<dyn FnOnce() + Send>>,
+        taken: i64,
+    ) -> Judgement {
+        // Leaves of earlier groups the committer could not store: number
+        // on from where it really is.
+        let shift = self.shift.swap(0, Relaxed);
+        self.next_seq = self.next_seq.saturating_sub(shift);
         let judged: Vec<(Judged, Option<(Responder, Answer)>)> = items
             .filter_map(|item| match item {
                 IngestItem::Message(m, r) => Some((self.judge(m), r)),
@@ -425,11 +513,7 @@ impl Ingest {
 
         let mut commit = Commit::default();
         let mut counters: HashMap<String, u64> = HashMap::new();
-        // Per leaf: the device counter it raises, for committing leaves one
-        // by one if the store refuses the group.
         let mut leaf_counters: Vec<Option<(String, u64)>> = Vec::new();
-        let first_seq = self.next_seq;
-        // Who waits for each message's outcome, and where it went.
         let mut waiting: Vec<(Responder, Slot)> = Vec::new();
         for (j, responder) in judged {
             let (leaves, rejections) = (commit.leaves.len(), commit.rejections.len());
@@ -459,41 +543,7 @@ impl Ingest {
             }
         }
         commit.counters = counters.into_iter().collect();
-        if commit.is_empty() {
-            return;
-        }
-        // What the group's own rejections answer, whatever path commits them.
-        let rejected: Vec<Outcome> = commit
-            .rejections
-            .iter()
-            .map(|r| Outcome::Rejected { reason: r.reason, detail: r.detail.clone() })
-            .collect();
-        let (commit, outcomes) = match self.persist(&commit) {
-            Persisted::Done => {
-                let outcomes = commit.leaves.iter().map(|l| Outcome::Notarized { seq: l.seq }).collect();
-                (commit, outcomes)
-            }
-            // The responders are dropped unanswered: not committed.
-            Persisted::GaveUp => return,
-            Persisted::Permanent(e) => {
-                tracing::warn!(error = %e, leaves = commit.leaves.len(), "the store refused a group; committing its messages one by one");
-                let Some(apart) = self.persist_apart(commit, leaf_counters, first_seq) else { return };
-                apart
-            }
-        };
-        for (responder, slot) in waiting {
-            let outcome = match slot {
-                Slot::Leaf(i) => outcomes.get(i).cloned(),
-                Slot::Rejection(i) => rejected.get(i).cloned(),
-                Slot::Dropped => None,
-            };
-            if let Some(o) = outcome {
-                responder(o);
-            }
-        }
-        Metrics::add(&self.metrics.messages_notarized_total, commit.leaves.len() as u64);
-        self.hand_to_sealer(&commit.leaves);
-        self.announce(&commit.rejections);
+        Judgement { commit, leaf_counters, waiting, barriers, taken }
     }
 
     /// Turns one judged message into a leaf or a rejection of `commit`
@@ -572,13 +622,13 @@ impl Ingest {
                 return;
             }
             Judged::Gap { missed, at_ms } => {
-                if let Err(e) = self.store.record_gap(at_ms, missed, self.next_seq) {
+                if let Err(e) = self.writer.store.record_gap(at_ms, missed, self.next_seq) {
                     tracing::error!(error = %e, missed, "could not record gap");
                 }
                 return;
             }
             Judged::Outage { from_ms, to_ms } => {
-                if let Err(e) = self.store.record_outage(from_ms, to_ms, self.next_seq) {
+                if let Err(e) = self.writer.store.record_outage(from_ms, to_ms, self.next_seq) {
                     tracing::error!(error = %e, from_ms, to_ms, "could not record source outage");
                 }
                 return;
@@ -593,22 +643,116 @@ impl Ingest {
         leaf_counters.push(leaf_counter);
         self.next_seq += 1;
     }
+}
+
+impl Committer {
+    /// Commits judged groups in order until the judge is gone, or until
+    /// shutdown's deadline makes it give up.
+    pub fn run(mut self, rx: Receiver<ToCommitter>) {
+        loop {
+            match rx.recv_timeout(REGISTRY_POLL) {
+                Ok(ToCommitter::Group(g)) => {
+                    if !self.commit(g) {
+                        break;
+                    }
+                }
+                Ok(ToCommitter::Sync(reply)) => {
+                    let _ = reply.send(self.next_seq);
+                }
+                Ok(ToCommitter::Resume(next)) => self.next_seq = next,
+                // Nothing judged waits: ingest is not stalled.
+                Err(RecvTimeoutError::Timeout) => self.writer.metrics.health.ingest_progress(),
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+        // Gave up at the shutdown deadline: what is judged is not committed
+        // (its responders are dropped, so nothing of it is acknowledged).
+        let left: usize = rx
+            .try_iter()
+            .map(|m| match m {
+                ToCommitter::Group(g) => g.commit.leaves.len(),
+                ToCommitter::Sync(_) | ToCommitter::Resume(_) => 0,
+            })
+            .sum();
+        if left > 0 {
+            Metrics::add(&self.writer.metrics.messages_uncommitted_total, left as u64);
+            tracing::error!(leaves = left, "judged messages were not committed before the shutdown deadline");
+        }
+    }
+
+    /// Commits one judged group and answers for it. False once shutdown
+    /// has given up.
+    fn commit(&mut self, group: Judgement) -> bool {
+        let Judgement { commit, leaf_counters, waiting, barriers, taken } = group;
+        let judged_leaves = commit.leaves.len() as u64;
+        // What the group's own rejections answer, whatever path commits them.
+        let rejected: Vec<Outcome> = commit
+            .rejections
+            .iter()
+            .map(|r| Outcome::Rejected { reason: r.reason, detail: r.detail.clone() })
+            .collect();
+        // Numbered by the judge before it learnt that the store refused an
+        // earlier leaf: renumbered, one by one (rare).
+        let in_order = commit.leaves.first().is_none_or(|l| l.seq == self.next_seq);
+        let persisted = if commit.is_empty() {
+            Some((commit, Vec::new()))
+        } else if !in_order {
+            self.persist_apart(commit, leaf_counters)
+        } else {
+            match self.writer.persist(&commit) {
+                Persisted::Done => {
+                    self.next_seq += judged_leaves;
+                    let outcomes = commit.leaves.iter().map(|l| Outcome::Notarized { seq: l.seq }).collect();
+                    Some((commit, outcomes))
+                }
+                Persisted::GaveUp => None,
+                Persisted::Permanent(e) => {
+                    tracing::warn!(error = %e, leaves = commit.leaves.len(), "the store refused a group; committing its messages one by one");
+                    self.persist_apart(commit, leaf_counters)
+                }
+            }
+        };
+        self.writer.metrics.queue_depth.fetch_sub(taken, Relaxed);
+        // Gave up: the responders are dropped unanswered and the barriers
+        // unfired (their messages are not acknowledged upstream).
+        let Some((commit, outcomes)) = persisted else { return false };
+        let dropped = judged_leaves.saturating_sub(commit.leaves.len() as u64);
+        if dropped > 0 {
+            self.shift.fetch_add(dropped, Relaxed);
+        }
+        for (responder, slot) in waiting {
+            let outcome = match slot {
+                Slot::Leaf(i) => outcomes.get(i).cloned(),
+                Slot::Rejection(i) => rejected.get(i).cloned(),
+                Slot::Dropped => None,
+            };
+            if let Some(o) = outcome {
+                responder(o);
+            }
+        }
+        for done in barriers {
+            done();
+        }
+        Metrics::add(&self.writer.metrics.messages_notarized_total, commit.leaves.len() as u64);
+        self.writer.hand_to_sealer(&commit.leaves);
+        self.announce(&commit.rejections);
+        true
+    }
 
     /// Commits a group the store refused as a whole, one message per
     /// transaction: a message the store refuses becomes a rejection
     /// (`unstorable`), and the leaves after it are renumbered so the log
-    /// keeps no holes. Returns what was committed and, for each leaf of the
-    /// group in order, what became of it; `None` if shutdown gave up
-    /// meanwhile.
+    /// keeps no holes: they are numbered from `self.next_seq` on. Returns
+    /// what was committed and, for each leaf of the group in order, what
+    /// became of it; `None` if shutdown gave up meanwhile.
     fn persist_apart(
         &mut self,
         group: Commit,
         leaf_counters: Vec<Option<(String, u64)>>,
-        first_seq: u64,
     ) -> Option<(Commit, Vec<Outcome>)> {
         let mut done = Commit::default();
         let mut outcomes = Vec::with_capacity(group.leaves.len());
-        let mut next = first_seq;
+        let mut next = self.next_seq;
         for (leaf, counter) in group.leaves.into_iter().zip(leaf_counters) {
             let leaf = match renumber(leaf, next) {
                 Ok(l) => l,
@@ -621,7 +765,7 @@ impl Ingest {
             };
             let one =
                 Commit { leaves: vec![leaf], counters: counter.into_iter().collect(), ..Commit::default() };
-            match self.persist(&one) {
+            match self.writer.persist(&one) {
                 Persisted::Done => {
                     outcomes.push(Outcome::Notarized { seq: next });
                     next += 1;
@@ -633,7 +777,7 @@ impl Ingest {
                     let leaf = &one.leaves[0];
                     let device = one.counters.first().map(|(d, _)| d.clone());
                     let r = unstorable(leaf, device, &e);
-                    match self.persist(&Commit { rejections: vec![r.clone()], ..Commit::default() }) {
+                    match self.writer.persist(&Commit { rejections: vec![r.clone()], ..Commit::default() }) {
                         Persisted::Done => {}
                         Persisted::GaveUp => return None,
                         Persisted::Permanent(e) => {
@@ -646,7 +790,7 @@ impl Ingest {
             }
         }
         for r in group.rejections {
-            match self.persist(&Commit { rejections: vec![r.clone()], ..Commit::default() }) {
+            match self.writer.persist(&Commit { rejections: vec![r.clone()], ..Commit::default() }) {
                 Persisted::Done => done.rejections.push(r),
                 Persisted::GaveUp => return None,
                 Persisted::Permanent(e) => {
@@ -662,13 +806,13 @@ impl Ingest {
     /// Logs, counts and publishes rejections (after they are stored).
     fn announce(&self, rejections: &[Rejection]) {
         for (i, r) in rejections.iter().enumerate() {
-            self.metrics.count_rejection(r.reason);
+            self.writer.metrics.count_rejection(r.reason);
             if i < REJECTIONS_LOGGED {
                 tracing::warn!(topic = %r.topic, reason = r.reason.as_str(), detail = %r.detail, device = ?r.device, "message rejected");
             }
             let event = serde_json::to_vec(r).unwrap_or_default();
             if !self.outbox.publish(REJECTIONS_TOPIC, event, false) {
-                Metrics::inc(&self.metrics.outbox_dropped_total);
+                Metrics::inc(&self.writer.metrics.outbox_dropped_total);
             }
         }
         if rejections.len() > REJECTIONS_LOGGED {
@@ -678,7 +822,9 @@ impl Ingest {
             );
         }
     }
+}
 
+impl Writer {
     fn hand_to_sealer(&self, leaves: &[StoredLeaf]) {
         let hashes =
             leaves.iter().map(|l| (l.seq, notary_proof::hash::leaf_hash(&l.record))).collect::<Vec<_>>();

@@ -167,17 +167,35 @@ impl Pipeline {
             })
         };
         threads.push(spawn("notary-sealer", Part::Sealer, Box::new(move || sealer.run(seal_rx, recovered)))?);
-        let ingest = ingest::Ingest {
-            registry: registry::Registry::load(&ingest_store)?,
-            store: ingest_store,
+        let registry = registry::Registry::load(&ingest_store)?;
+        let shift = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (commit_tx, commit_rx) = sync_channel(ingest::JUDGED_AHEAD);
+        let committer = ingest::Committer {
+            writer: ingest::Writer {
+                store: ingest_store,
+                sealer: seal_tx.clone(),
+                metrics: metrics.clone(),
+                give_up: give_up.clone(),
+            },
             next_seq,
-            policy: cfg.devices.clone(),
-            sealer: seal_tx,
             outbox: outbox.clone(),
-            metrics: metrics.clone(),
-            give_up: give_up.clone(),
+            shift: shift.clone(),
         };
-        threads.push(spawn("notary-ingest", Part::Ingest, Box::new(move || ingest.run(ingest_rx)))?);
+        let judge = ingest::Ingest {
+            writer: ingest::Writer {
+                store: Store::open_pipeline(&cfg.data_dir, None, writer.clone())?,
+                sealer: seal_tx,
+                metrics: metrics.clone(),
+                give_up: give_up.clone(),
+            },
+            next_seq,
+            registry,
+            policy: cfg.devices.clone(),
+            committer: commit_tx,
+            shift,
+        };
+        threads.push(spawn("notary-ingest", Part::Ingest, Box::new(move || judge.run(ingest_rx)))?);
+        threads.push(spawn("notary-commit", Part::Ingest, Box::new(move || committer.run(commit_rx)))?);
         let proof_rx = Arc::new(Mutex::new(proof_rx));
         for i in 0..PROOF_WORKERS {
             let (rx, p, o, m) = (proof_rx.clone(), proofs.clone(), outbox.clone(), metrics.clone());

@@ -259,3 +259,132 @@ fn a_refused_message_is_answered_unstorable_and_the_rest_renumbered() {
     assert_eq!(answers[2].1, Outcome::Notarized { seq: seq + 1 }, "no hole where the refused one was");
     assert_eq!(pipeline.shutdown(Duration::from_secs(30)), Shutdown::Clean);
 }
+
+/// The judge works ahead of the committer: while a commit is held back,
+/// later messages still get their verdicts (a QoS 0 publish is delivered on
+/// its verdict). When the store then refuses one of the judged leaves, the
+/// groups judged meanwhile are renumbered: the log keeps no hole, and the
+/// numbering goes on from where the committer really is.
+#[test]
+fn verdicts_do_not_wait_for_commits_and_a_refused_leaf_leaves_no_hole() {
+    use notary_plugin::source::Outcome;
+    let dir = tempfile::tempdir().expect("temp dir");
+    notary_plugin::store::Store::open(dir.path()).expect("store");
+    let conn = rusqlite::Connection::open(dir.path().join("notary.sqlite")).expect("open");
+    conn.execute_batch(&format!(
+        "CREATE TRIGGER poison BEFORE INSERT ON leaves WHEN NEW.digest = X'{}'
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+        digest(0).iter().map(|b| format!("{b:02x}")).collect::<String>()
+    ))
+    .expect("trigger");
+    let ledger = Arc::new(LocalLedger::open(&dir.path().join("ledger.sqlite")).expect("ledger"));
+    let signer = NoteSigner::new("test/pipeline", [9; 32]).expect("signer");
+    let (intake, inlets) = notary_plugin::inlets(64);
+    // Holds the committer until the gate is dropped.
+    let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
+    intake
+        .after_commit(Box::new(move || {
+            let _ = gate_rx.recv();
+        }))
+        .expect("barrier");
+    let pipeline = Pipeline::start(
+        &config(dir.path()),
+        intake.clone(),
+        inlets,
+        Arc::new(NoOutbox),
+        signer,
+        vec![ledger],
+    )
+    .expect("pipeline starts");
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Message 0 (which the store will refuse) and 1 are judged, one after
+    // the other, while nothing can commit.
+    for i in 0..2 {
+        let tx = tx.clone();
+        intake.submit_judged(message(i), Box::new(move |o| tx.send((i, o)).expect("answer"))).expect("taken");
+        let (n, verdict) =
+            rx.recv_timeout(Duration::from_secs(60)).expect("a verdict while the commit waits");
+        assert_eq!((n, verdict), (i, Outcome::Accepted));
+    }
+    let submit = |i: usize| {
+        let tx = tx.clone();
+        intake.submit(message(i), Box::new(move |o| tx.send((i, o)).expect("answer"))).expect("taken");
+    };
+    submit(2);
+    drop(gate_tx);
+    let seq2 = match rx.recv_timeout(Duration::from_secs(60)).expect("answered") {
+        (2, Outcome::Notarized { seq }) => seq,
+        other => panic!("message 2: {other:?}"),
+    };
+    submit(3);
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(60)).expect("answered"),
+        (3, Outcome::Notarized { seq: seq2 + 1 })
+    );
+    assert!(matches!(pipeline.proofs.lookup(&digest(0)), Ok(ProofAnswer::Rejected(_))));
+    assert_eq!(pipeline.shutdown(Duration::from_secs(30)), Shutdown::Clean);
+
+    let store = notary_plugin::store::Store::open(dir.path()).expect("store");
+    let leaves = store.leaves_from(0).expect("leaves");
+    let seqs: Vec<u64> = leaves.iter().map(|l| l.seq).collect();
+    let first = seqs.first().copied().expect("leaves");
+    assert_eq!(seqs, (first..first + seqs.len() as u64).collect::<Vec<_>>(), "no hole in the log");
+    let digests: Vec<[u8; 32]> = leaves.iter().map(|l| l.digest).collect();
+    assert_eq!(digests, vec![digest(1), digest(2), digest(3)]);
+    assert_eq!(seq2, first + 1);
+}
+
+/// Registry commands take sequence numbers between message groups: the
+/// leaves of both are numbered on from each other, without a hole or a
+/// number taken twice, whether a command is queued before the start or
+/// while messages flow.
+#[test]
+fn registry_leaves_and_messages_share_one_numbering() {
+    use notary_plugin::source::Outcome;
+    use notary_proof::RegistryAction;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key = |b: u8| ed25519_dalek::SigningKey::from_bytes(&[b; 32]).verifying_key().to_bytes();
+    let queue = |action, device: &str, k: Option<[u8; 32]>| {
+        let store = notary_plugin::store::Store::open(dir.path()).expect("store");
+        store.queue_command(action, device, k, "test", 1).expect("queued")
+    };
+    queue(RegistryAction::Enrol, "dev-a", Some(key(7)));
+    let ledger = Arc::new(LocalLedger::open(&dir.path().join("ledger.sqlite")).expect("ledger"));
+    let signer = NoteSigner::new("test/pipeline", [9; 32]).expect("signer");
+    let (intake, inlets) = notary_plugin::inlets(64);
+    let pipeline = Pipeline::start(
+        &config(dir.path()),
+        intake.clone(),
+        inlets,
+        Arc::new(NoOutbox),
+        signer,
+        vec![ledger],
+    )
+    .expect("pipeline starts");
+    let notarize = |i: usize| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        intake.submit(message(i), Box::new(move |o| tx.send(o).expect("answer"))).expect("taken");
+        match rx.recv_timeout(Duration::from_secs(60)).expect("answered") {
+            Outcome::Notarized { seq } => seq,
+            other => panic!("message {i}: {other:?}"),
+        }
+    };
+    let applied = |id: i64| {
+        wait_for("the command applied", || {
+            let store = notary_plugin::store::Store::open(dir.path()).expect("store");
+            let commands = store.commands(true).expect("commands");
+            commands.iter().find(|c| c.id == id).and_then(|c| c.applied_seq)
+        })
+    };
+    let first = notarize(0);
+    let enrol_b = queue(RegistryAction::Enrol, "dev-b", Some(key(8)));
+    let second = notarize(1);
+    let enrolled_b = applied(enrol_b);
+    let third = notarize(2);
+    assert!(first < third && second < third && enrolled_b < third, "{first} {second} {enrolled_b} {third}");
+    assert_eq!(pipeline.shutdown(Duration::from_secs(30)), Shutdown::Clean);
+
+    let store = notary_plugin::store::Store::open(dir.path()).expect("store");
+    let seqs: Vec<u64> = store.leaves_from(0).expect("leaves").iter().map(|l| l.seq).collect();
+    assert_eq!(seqs, (0..5).collect::<Vec<_>>(), "two registry leaves and three messages, no hole");
+}
