@@ -165,3 +165,62 @@ fn tls_connections_beyond_max_connections_are_closed_at_once() {
     assert!(out.status.success());
     n.wait_proof(b"after the cap");
 }
+
+/// Only the notary publishes on its own topics. A client's retained
+/// checkpoint (or its deletion), a made-up rejection event, a forged answer
+/// in another client's reply inbox and a will on a notary topic are refused
+/// (MQTT 5: PUBACK 0x87 with the reason; 3.1.1: dropped; the will's CONNECT
+/// refused) and counted; subscribers see only what the notary published,
+/// and a new subscriber still gets the signed checkpoint.
+#[test]
+fn clients_cannot_publish_on_the_notarys_topics() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let config = fast_config(tmp.path(), "[devices]\nrequire_signature = [\"secure/#\"]\n");
+    let n = Notary::start_with(tmp.path(), Some(config));
+    n.notarize("t/a", b"first");
+    let sub = Subscriber::start(n.mqtt, &["notary/rejections", "notary/proof/response/victim"], &[]);
+    let forged_answer = br#"{"id":"v-1","status":"error","error":{"code":"not_found","message":"forged"}}"#;
+    let v5: [(&str, &[u8], &[&str]); 4] = [
+        ("notary/checkpoint", b"FAKE", &["-r"]),
+        ("notary/checkpoint", b"", &["-r"]),
+        ("notary/rejections", br#"{"reason":"bad-signature","topic":"t/a"}"#, &[]),
+        ("notary/proof/response/victim", forged_answer, &[]),
+    ];
+    for (topic, payload, extra) in v5 {
+        let out = publish(n.mqtt, topic, payload, &[&["-V", "mqttv5", "-d"], extra].concat());
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.contains("RC:135"), "{topic}: {said}");
+    }
+    for (topic, payload) in [("notary/checkpoint", &b"FAKE 3.1.1"[..]), ("notary/rejections", b"{}")] {
+        assert!(publish(n.mqtt, topic, payload, &["-r"]).status.success(), "3.1.1 is dropped, not closed");
+    }
+    let will = publish(
+        n.mqtt,
+        "t/will",
+        b"x",
+        &["--will-topic", "notary/checkpoint", "--will-payload", "FAKE", "--will-retain"],
+    );
+    assert!(!will.status.success(), "a CONNECT with a will on a notary topic is refused");
+    assert_eq!(n.metric("mqtt_own_topic_refused_total"), 7);
+
+    // The first messages the subscriber gets are the notary's own: a real
+    // rejection event, and the real answer in the victim's inbox.
+    assert!(publish(n.mqtt, "secure/a", b"unsigned", &[]).status.success());
+    let (topic, event) = sub.next_message();
+    assert_eq!(topic, "notary/rejections");
+    assert!(event.contains("\"signature-required\""), "{event}");
+    let request = format!(
+        r#"{{"id":"v-1","digest":"{}","reply_to":"notary/proof/response/victim"}}"#,
+        blake3_hex(b"first")
+    );
+    assert!(publish(n.mqtt, "notary/proof/request", request.as_bytes(), &[]).status.success());
+    let (topic, answer) = sub.next_message();
+    assert_eq!(topic, "notary/proof/response/victim");
+    assert!(answer.contains("\"status\":\"ok\""), "{answer}");
+
+    let cp = Subscriber::start(n.mqtt, &["notary/checkpoint"], &["-C", "1"]);
+    let (_, first_line) = cp.next_message();
+    let (_, note) = n.get("/v1/checkpoint");
+    broker_verifier(&n).verify_checkpoint(&note).expect("signed checkpoint");
+    assert!(note.starts_with(first_line.trim()), "retained: {first_line:?}");
+}

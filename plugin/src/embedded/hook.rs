@@ -7,6 +7,7 @@ use crate::metrics::Metrics;
 use crate::reason::Reason;
 use crate::registry::DevicePolicy;
 use crate::source::{now_ms, Message, Outcome, Sink};
+use crate::topics::{OWN_PREFIX, PROOF_REQUEST_TOPIC};
 use async_trait::async_trait;
 use rmqtt::codec::v5::PublishAckReason;
 use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType};
@@ -97,6 +98,15 @@ impl NotaryHook {
             tracing::debug!(topic, why, "publish refused: invalid topic name");
             return PublishResult::reason_code(PublishAckReason::TopicNameInvalid, Some(why.into()), true);
         }
+        if let Some(why) = own_topic_problem(topic) {
+            Metrics::inc(&self.metrics.mqtt_own_topic_refused_total);
+            tracing::debug!(topic, "publish refused: a topic of the notary's own");
+            if !v5 {
+                let disconnect = self.reject_v311 == RejectV311::Disconnect;
+                return PublishResult::reason_code(PublishAckReason::NotAuthorized, None, disconnect);
+            }
+            return PublishResult::reason_code(PublishAckReason::NotAuthorized, Some(why.into()), false);
+        }
         if publish.payload.len() > self.max_payload {
             let why =
                 format!("payload of {} bytes; the limit is {}", publish.payload.len(), self.max_payload);
@@ -162,6 +172,11 @@ impl NotaryHook {
             };
             if let Some(why) = topic_name_problem(topic) {
                 tracing::debug!(client = %info.id().client_id, why, "CONNECT refused: invalid will topic");
+                return AuthResult::NotAuthorized;
+            }
+            if topic.starts_with(OWN_PREFIX) {
+                Metrics::inc(&self.metrics.mqtt_own_topic_refused_total);
+                tracing::warn!(client = %info.id().client_id, %topic, "CONNECT refused: a will on a topic of the notary's own");
                 return AuthResult::NotAuthorized;
             }
             if !self.policy.takes_plain(topic, payload) {
@@ -249,6 +264,15 @@ pub(super) fn topic_name_problem(topic: &str) -> Option<&'static str> {
     } else {
         None
     }
+}
+
+/// Why a client may not publish on `topic`: only the notary publishes
+/// under its own prefix (answers, checkpoints, rejection events), so no
+/// client can forge them; clients publish there only proof requests.
+pub(super) fn own_topic_problem(topic: &str) -> Option<&'static str> {
+    (topic.starts_with(OWN_PREFIX) && topic != PROOF_REQUEST_TOPIC).then_some(
+        "only the notary publishes on its own topics; clients may publish only proof requests there",
+    )
 }
 
 /// The pipeline stopped before the message was committed: no
