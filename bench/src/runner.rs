@@ -172,7 +172,7 @@ pub struct Results {
 const QUIET: f64 = 0.05;
 
 /// Default `log.max_batch_age_ms`: the notary's benchmark config keeps it.
-const MAX_BATCH_AGE_MS: u64 = 1000;
+pub(crate) const MAX_BATCH_AGE_MS: u64 = 1000;
 
 pub fn run(plan: &Plan, out: &Path) -> anyhow::Result<()> {
     let began = Instant::now();

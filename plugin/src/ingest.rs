@@ -8,9 +8,11 @@
 //! *committer* ([`Committer`]) commits the judged groups in order, one
 //! transaction each, and answers whoever waits for the commit. So group
 //! N + 1 is judged while group N commits, and a verdict never waits for an
-//! unrelated `fsync`. At most [`JUDGED_AHEAD`] judged groups wait for the
-//! committer; then the judge waits too, the queue fills and the source is
-//! held back.
+//! unrelated `fsync`. The committer commits every group judged while the
+//! previous commit ran in one transaction, so small groups judged one by
+//! one do not cost an `fsync` each. At most [`JUDGED_AHEAD`] judged groups
+//! wait for the committer; then the judge waits too, the queue fills and
+//! the source is held back.
 //!
 //! Queue policy: the queue between source and ingest is bounded. When it is
 //! full, `deliver` blocks, so the source stops reading: the embedded broker
@@ -38,8 +40,9 @@ use std::time::{Duration, Instant};
 
 /// Most leaves committed in one transaction.
 const MAX_GROUP: usize = 8192;
-/// Judged groups that may wait for the committer.
-pub(crate) const JUDGED_AHEAD: usize = 1;
+/// Judged groups that may wait for the committer (which commits all that
+/// wait in one transaction).
+pub(crate) const JUDGED_AHEAD: usize = 16;
 
 /// When a waiting responder is answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,6 +228,40 @@ pub(crate) struct Judgement {
     barriers: Vec<Box<dyn FnOnce() + Send>>,
     /// Queue items this group took (off `queue_depth` once committed).
     taken: i64,
+}
+
+impl Judgement {
+    /// Whether `next` can be committed in the same transaction: its leaves
+    /// follow this group's without a gap in their numbering.
+    fn continues(&self, next: &Judgement) -> bool {
+        match (self.commit.leaves.last(), next.commit.leaves.first()) {
+            (Some(last), Some(first)) => last.seq.checked_add(1) == Some(first.seq),
+            _ => true,
+        }
+    }
+
+    /// Appends `next` (judged later) to this group.
+    fn absorb(&mut self, next: Judgement) {
+        let (leaves, rejections) = (self.commit.leaves.len(), self.commit.rejections.len());
+        self.waiting.extend(next.waiting.into_iter().map(|(r, slot)| {
+            let slot = match slot {
+                Slot::Leaf(i) => Slot::Leaf(i + leaves),
+                Slot::Rejection(i) => Slot::Rejection(i + rejections),
+                Slot::Dropped => Slot::Dropped,
+            };
+            (r, slot)
+        }));
+        let c = next.commit;
+        self.commit.leaves.extend(c.leaves);
+        self.commit.rejections.extend(c.rejections);
+        // Applied in order: a later counter of the same device wins.
+        self.commit.counters.extend(c.counters);
+        self.commit.registry.extend(c.registry);
+        self.commit.refused.extend(c.refused);
+        self.leaf_counters.extend(next.leaf_counters);
+        self.barriers.extend(next.barriers);
+        self.taken += next.taken;
+    }
 }
 
 /// The committer: the log's only writer of messages. Commits judged groups
@@ -649,9 +686,27 @@ impl Committer {
     /// Commits judged groups in order until the judge is gone, or until
     /// shutdown's deadline makes it give up.
     pub fn run(mut self, rx: Receiver<ToCommitter>) {
+        // A message taken while merging that cannot join the commit.
+        let mut held: Option<ToCommitter> = None;
         loop {
-            match rx.recv_timeout(REGISTRY_POLL) {
-                Ok(ToCommitter::Group(g)) => {
+            let next = match held.take() {
+                Some(m) => Ok(m),
+                None => rx.recv_timeout(REGISTRY_POLL),
+            };
+            match next {
+                Ok(ToCommitter::Group(mut g)) => {
+                    // Everything judged while the last commit ran joins this
+                    // one: one transaction (one fsync) for all of it.
+                    while g.commit.leaves.len() < MAX_GROUP {
+                        match rx.try_recv() {
+                            Ok(ToCommitter::Group(h)) if g.continues(&h) => g.absorb(h),
+                            Ok(other) => {
+                                held = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
                     if !self.commit(g) {
                         break;
                     }
@@ -667,8 +722,9 @@ impl Committer {
         }
         // Gave up at the shutdown deadline: what is judged is not committed
         // (its responders are dropped, so nothing of it is acknowledged).
-        let left: usize = rx
-            .try_iter()
+        let left: usize = held
+            .into_iter()
+            .chain(rx.try_iter())
             .map(|m| match m {
                 ToCommitter::Group(g) => g.commit.leaves.len(),
                 ToCommitter::Sync(_) | ToCommitter::Resume(_) => 0,
