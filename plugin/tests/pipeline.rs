@@ -209,6 +209,36 @@ fn submitted_messages_are_answered_after_their_commit() {
     assert_eq!(pipeline.shutdown(Duration::from_secs(30)), Shutdown::Clean);
 }
 
+/// A pipeline on a store that refuses, for good, a leaf of payload digest
+/// `poison` (an SQLite trigger), and whose committer waits (in a barrier)
+/// until the returned gate is dropped.
+fn gated_with_poison(
+    dir: &std::path::Path,
+    poison: [u8; 32],
+) -> (Arc<notary_plugin::Intake>, Pipeline, std::sync::mpsc::Sender<()>) {
+    notary_plugin::store::Store::open(dir).expect("store");
+    let conn = rusqlite::Connection::open(dir.join("notary.sqlite")).expect("open");
+    conn.execute_batch(&format!(
+        "CREATE TRIGGER poison BEFORE INSERT ON leaves WHEN NEW.digest = X'{}'
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+        poison.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    ))
+    .expect("trigger");
+    let ledger = Arc::new(LocalLedger::open(&dir.join("ledger.sqlite")).expect("ledger"));
+    let signer = NoteSigner::new("test/pipeline", [9; 32]).expect("signer");
+    let (intake, inlets) = notary_plugin::inlets(64);
+    let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
+    intake
+        .after_commit(Box::new(move || {
+            let _ = gate_rx.recv();
+        }))
+        .expect("barrier");
+    let pipeline =
+        Pipeline::start(&config(dir), intake.clone(), inlets, Arc::new(NoOutbox), signer, vec![ledger])
+            .expect("pipeline starts");
+    (intake, pipeline, gate_tx)
+}
+
 /// A message the store refuses for good is answered as rejected
 /// (`unstorable`); the others of its group are answered with the sequence
 /// numbers they were renumbered to, without holes.
@@ -217,34 +247,9 @@ fn a_refused_message_is_answered_unstorable_and_the_rest_renumbered() {
     use notary_plugin::reason::Reason;
     use notary_plugin::source::Outcome;
     let dir = tempfile::tempdir().expect("temp dir");
-    let poison = digest(1);
-    notary_plugin::store::Store::open(dir.path()).expect("store");
-    let conn = rusqlite::Connection::open(dir.path().join("notary.sqlite")).expect("open");
-    conn.execute_batch(&format!(
-        "CREATE TRIGGER poison BEFORE INSERT ON leaves WHEN NEW.digest = X'{}'
-         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
-        poison.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    ))
-    .expect("trigger");
-    let ledger = Arc::new(LocalLedger::open(&dir.path().join("ledger.sqlite")).expect("ledger"));
-    let signer = NoteSigner::new("test/pipeline", [9; 32]).expect("signer");
-    let (intake, inlets) = notary_plugin::inlets(64);
-    // Held back until all three are queued, so they form one group.
-    let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
-    intake
-        .after_commit(Box::new(move || {
-            let _ = gate_rx.recv();
-        }))
-        .expect("barrier");
-    let pipeline = Pipeline::start(
-        &config(dir.path()),
-        intake.clone(),
-        inlets,
-        Arc::new(NoOutbox),
-        signer,
-        vec![ledger],
-    )
-    .expect("pipeline starts");
+    // The committer is held until all three are judged: they are
+    // committed together, and the store refuses message 1's leaf.
+    let (intake, pipeline, gate_tx) = gated_with_poison(dir.path(), digest(1));
     let (tx, rx) = std::sync::mpsc::channel();
     for i in 0..3 {
         let tx = tx.clone();
@@ -269,33 +274,7 @@ fn a_refused_message_is_answered_unstorable_and_the_rest_renumbered() {
 fn verdicts_do_not_wait_for_commits_and_a_refused_leaf_leaves_no_hole() {
     use notary_plugin::source::Outcome;
     let dir = tempfile::tempdir().expect("temp dir");
-    notary_plugin::store::Store::open(dir.path()).expect("store");
-    let conn = rusqlite::Connection::open(dir.path().join("notary.sqlite")).expect("open");
-    conn.execute_batch(&format!(
-        "CREATE TRIGGER poison BEFORE INSERT ON leaves WHEN NEW.digest = X'{}'
-         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
-        digest(0).iter().map(|b| format!("{b:02x}")).collect::<String>()
-    ))
-    .expect("trigger");
-    let ledger = Arc::new(LocalLedger::open(&dir.path().join("ledger.sqlite")).expect("ledger"));
-    let signer = NoteSigner::new("test/pipeline", [9; 32]).expect("signer");
-    let (intake, inlets) = notary_plugin::inlets(64);
-    // Holds the committer until the gate is dropped.
-    let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
-    intake
-        .after_commit(Box::new(move || {
-            let _ = gate_rx.recv();
-        }))
-        .expect("barrier");
-    let pipeline = Pipeline::start(
-        &config(dir.path()),
-        intake.clone(),
-        inlets,
-        Arc::new(NoOutbox),
-        signer,
-        vec![ledger],
-    )
-    .expect("pipeline starts");
+    let (intake, pipeline, gate_tx) = gated_with_poison(dir.path(), digest(0));
     let (tx, rx) = std::sync::mpsc::channel();
     // Message 0 (which the store will refuse) and 1 are judged, one after
     // the other, while nothing can commit.
