@@ -171,7 +171,8 @@ fn tls_connections_beyond_max_connections_are_closed_at_once() {
 /// in another client's reply inbox and a will on a notary topic are refused
 /// (MQTT 5: PUBACK 0x87 with the reason; 3.1.1: dropped; the will's CONNECT
 /// refused) and counted; subscribers see only what the notary published,
-/// and a new subscriber still gets the signed checkpoint.
+/// no subscriber sees a proof request, and a new subscriber still gets the
+/// signed checkpoint.
 #[test]
 fn clients_cannot_publish_on_the_notarys_topics() {
     let tmp = tempfile::tempdir().expect("tmp");
@@ -209,14 +210,29 @@ fn clients_cannot_publish_on_the_notarys_topics() {
     let (topic, event) = sub.next_message();
     assert_eq!(topic, "notary/rejections");
     assert!(event.contains("\"signature-required\""), "{event}");
+    // Proof requests are consumed by the notary, never routed: neither a
+    // subscriber to the request topic nor a `#` subscriber reads them.
+    let requests = Subscriber::start(n.mqtt, &["notary/proof/request", "t/marker"], &[]);
+    let everything = Subscriber::start(n.mqtt, &["#"], &["-R"]);
     let request = format!(
         r#"{{"id":"v-1","digest":"{}","reply_to":"notary/proof/response/victim"}}"#,
         blake3_hex(b"first")
     );
-    assert!(publish(n.mqtt, "notary/proof/request", request.as_bytes(), &[]).status.success());
+    let out = publish(n.mqtt, "notary/proof/request", request.as_bytes(), &["-V", "mqttv5", "-d"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("RC:16"), "PUBACK 0x10, no matching subscribers: {said}");
     let (topic, answer) = sub.next_message();
     assert_eq!(topic, "notary/proof/response/victim");
     assert!(answer.contains("\"status\":\"ok\""), "{answer}");
+    assert!(publish(n.mqtt, "t/marker", b"after the request", &[]).status.success());
+    assert_eq!(requests.next_message().0, "t/marker", "the request was routed to a subscriber");
+    loop {
+        let (topic, _) = everything.next_message();
+        assert_ne!(topic, "notary/proof/request", "a `#` subscriber got the request");
+        if topic == "t/marker" {
+            break;
+        }
+    }
 
     let cp = Subscriber::start(n.mqtt, &["notary/checkpoint"], &["-C", "1"]);
     let (_, first_line) = cp.next_message();

@@ -119,6 +119,15 @@ impl NotaryHook {
         }
         let msg =
             Message { topic: topic.to_owned(), payload: publish.payload.to_vec(), received_at_ms: now_ms() };
+        if topic == PROOF_REQUEST_TOPIC {
+            // Consumed by the notary, which answers on the requester's reply
+            // topic; never routed, so no subscriber (not even `#`) reads
+            // another client's requests. MQTT 5: PUBACK 0x10.
+            return match self.work.send(Work::Deliver(msg)).await {
+                Ok(()) => PublishResult::reason_code(PublishAckReason::NoMatchingSubscribers, None, false),
+                Err(_) => not_committed(),
+            };
+        }
         let early = publish.qos == QoS::AtMostOnce || self.ack == AckMode::OnReceipt;
         if early && self.policy.takes_plain(&msg.topic, &msg.payload) {
             return match self.work.send(Work::Deliver(msg)).await {
