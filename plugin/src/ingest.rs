@@ -5,12 +5,12 @@
 //! Two threads, one pipeline: the *judge* ([`Ingest`]) takes a group from
 //! the queue, checks its signatures (ed25519 batches spread over the cores),
 //! numbers its leaves and answers whoever waits only for the verdict; the
-//! *committer* ([`Committer`]) commits the judged groups in order, one
-//! transaction each, and answers whoever waits for the commit. So group
-//! N + 1 is judged while group N commits, and a verdict never waits for an
-//! unrelated `fsync`. The committer commits every group judged while the
-//! previous commit ran in one transaction, so small groups judged one by
-//! one do not cost an `fsync` each. At most [`JUDGED_AHEAD`] judged groups
+//! *committer* ([`Committer`]) commits the judged groups in order and
+//! answers whoever waits for the commit. So group N + 1 is judged while
+//! group N commits, and a verdict never waits for an unrelated `fsync`. The
+//! committer commits every group judged while the previous commit ran in
+//! one transaction, so small groups judged one by one do not cost an
+//! `fsync` each. At most [`JUDGED_AHEAD`] judged groups
 //! wait for the committer; then the judge waits too, the queue fills and
 //! the source is held back.
 //!
