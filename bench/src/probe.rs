@@ -88,7 +88,7 @@ impl ProofWatch {
         let mut opts = MqttOptions::new("bench-checkpoints", "127.0.0.1", mqtt_port);
         opts.set_keep_alive(Duration::from_secs(60));
         let (client, mut eventloop) = AsyncClient::new(opts, 16);
-        client.subscribe("notary/checkpoint", QoS::AtMostOnce).await?;
+        client.subscribe("$notary/checkpoint", QoS::AtMostOnce).await?;
         let task = tokio::spawn(async move {
             loop {
                 match eventloop.poll().await {
@@ -204,16 +204,17 @@ pub fn http_requests(port: u16, digests: &[String], rate: f64, duration: Duratio
     Latency::of(ms, failed)
 }
 
-/// The same over MQTT: requests to `notary/proof/request`, answers on our
-/// own `notary/proof/response/...` topic, matched by id.
+/// The same over MQTT: requests to `$notary/proof/request`, answers in our
+/// client's inbox `$notary/inbox/<client id>/...`, matched by id.
 pub async fn mqtt_requests(
     port: u16,
     digests: &[String],
     rate: f64,
     duration: Duration,
 ) -> anyhow::Result<Latency> {
-    let inbox = format!("notary/proof/response/bench-{}", std::process::id());
-    let mut opts = MqttOptions::new("bench-proof-client", "127.0.0.1", port);
+    const CLIENT_ID: &str = "bench-proof-client";
+    let inbox = format!("$notary/inbox/{CLIENT_ID}/proof");
+    let mut opts = MqttOptions::new(CLIENT_ID, "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(60));
     opts.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut eventloop) = AsyncClient::new(opts, 64);
@@ -259,7 +260,7 @@ pub async fn mqtt_requests(
             m.insert(i, due);
         }
         let req = serde_json::json!({"id": i, "digest": digest, "reply_to": inbox});
-        client.publish("notary/proof/request", QoS::AtMostOnce, false, req.to_string().into_bytes()).await?;
+        client.publish("$notary/proof/request", QoS::AtMostOnce, false, req.to_string().into_bytes()).await?;
         i += 1;
     }
     // Answers still on their way get a second to arrive.

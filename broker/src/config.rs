@@ -20,6 +20,25 @@ pub struct Config {
     pub devices: DevicesConfig,
     pub anchor: AnchorConfig,
     pub sidecar: SidecarConfig,
+    pub topics: TopicsConfig,
+}
+
+/// `[topics]`: the notary's own MQTT topic names.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicsConfig {
+    /// The previous release's names under `notary/` (for one release).
+    pub legacy: bool,
+}
+
+impl TopicsConfig {
+    pub fn topics(&self) -> notary_plugin::Topics {
+        if self.legacy {
+            notary_plugin::Topics::LEGACY
+        } else {
+            notary_plugin::Topics::CURRENT
+        }
+    }
 }
 
 /// `[sidecar]`: how `mqtt-notary sidecar` subscribes to an existing broker.
@@ -324,6 +343,7 @@ impl Default for Config {
             devices: DevicesConfig::default(),
             anchor: AnchorConfig::default(),
             sidecar: SidecarConfig::default(),
+            topics: TopicsConfig::default(),
         }
     }
 }

@@ -126,6 +126,7 @@ fn embedded_settings(cfg: &Config) -> anyhow::Result<EmbeddedSettings> {
             crate::config::RejectV311::Disconnect => embedded::RejectV311::Disconnect,
         },
         policy: cfg.devices.policy(),
+        topics: cfg.topics.topics(),
         passwords: match &cfg.mqtt.password_file {
             Some(path) => {
                 let file = PasswordFile::load(path)?;
@@ -170,7 +171,7 @@ fn serve(cfg: Config, source: Source, new_log: bool) -> anyhow::Result<Shutdown>
         tracing::info!(file = %file.display(), devices = entries.len(), queued, "enrolment file read");
     }
 
-    let (intake, inlets) = notary_plugin::inlets(cfg.ingest.queue_capacity);
+    let (intake, inlets) = notary_plugin::inlets(cfg.ingest.queue_capacity, cfg.topics.topics());
     let settings = embedded_settings(&cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -237,6 +238,7 @@ fn serve(cfg: Config, source: Source, new_log: bool) -> anyhow::Result<Shutdown>
                 max_payload_bytes: cfg.mqtt.max_payload_bytes,
                 max_retry_ms: s.max_retry_ms,
                 alive_file: dir.join("sidecar.alive"),
+                notary_topics: cfg.topics.topics(),
                 tls,
             };
             tracing::info!(broker = %url, client_id = %settings.client_id, topics = ?settings.topics, "sidecar: notarizing an existing broker");

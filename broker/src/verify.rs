@@ -108,6 +108,15 @@ fn print_verified(v: &Verified) {
     println!("  topic:       {}", v.leaf.topic);
     println!("  received:    {} ({} ms)", rfc3339(v.leaf.received_at_ms), v.leaf.received_at_ms);
     println!("  assurance:   {}", v.leaf.assurance.as_str());
+    if let Some(p) = &v.leaf.publisher {
+        // The broker's record, signed with the log; the client id is what
+        // the client called itself (MQTT does not authenticate it).
+        println!("  client id:   {} (as the client named itself)", p.client_id.escape_debug());
+        match &p.username {
+            Some(u) => println!("  username:    {} (login checked by the broker)", u.escape_debug()),
+            None => println!("  username:    none (the broker checked no login)"),
+        }
+    }
     if let Some(d) = &v.device {
         println!("  device:      {}", d.device_id);
         println!("  counter:     {}", d.counter);

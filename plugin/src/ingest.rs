@@ -28,7 +28,7 @@ use crate::registry::{DevicePolicy, Lookup, Registry};
 use crate::sealer::SealerMsg;
 use crate::source::{now_ms, Closed, Message, Outbox, Outcome, Responder, Sink};
 use crate::store::{Commit, Fault, RegistryChange, Rejection, Store, StoreError, StoredLeaf};
-use crate::topics::{OWN_PREFIX, PROOF_REQUEST_TOPIC, REJECTIONS_TOPIC};
+use crate::topics::Topics;
 use ed25519_dalek::VerifyingKey;
 use notary_proof::envelope::{self, is_envelope, BATCH_SIZE};
 use notary_proof::{DeviceFields, Envelope, EnvelopeError, LeafRecord};
@@ -74,6 +74,7 @@ pub struct Intake {
     ingest: Mutex<Option<SyncSender<IngestItem>>>,
     proofs: Mutex<Option<SyncSender<Message>>>,
     metrics: Arc<Metrics>,
+    topics: Topics,
 }
 
 impl Intake {
@@ -81,8 +82,9 @@ impl Intake {
         ingest: SyncSender<IngestItem>,
         proofs: SyncSender<Message>,
         metrics: Arc<Metrics>,
+        topics: Topics,
     ) -> Self {
-        Intake { ingest: Mutex::new(Some(ingest)), proofs: Mutex::new(Some(proofs)), metrics }
+        Intake { ingest: Mutex::new(Some(ingest)), proofs: Mutex::new(Some(proofs)), metrics, topics }
     }
 
     /// Stops taking messages; ingest drains what it has and finishes.
@@ -108,7 +110,7 @@ impl Intake {
 
 impl Sink for Intake {
     fn deliver(&self, msg: Message) -> Result<(), Closed> {
-        if msg.topic == PROOF_REQUEST_TOPIC {
+        if msg.topic == self.topics.proof_request() {
             Metrics::inc(&self.metrics.proof_requests_mqtt_total);
             let guard = self.proofs.lock().map_err(|_| Closed)?;
             return match guard.as_ref().ok_or(Closed)?.try_send(msg) {
@@ -120,7 +122,7 @@ impl Sink for Intake {
                 Err(TrySendError::Disconnected(_)) => Err(Closed),
             };
         }
-        if msg.topic.starts_with(OWN_PREFIX) {
+        if self.topics.is_own(&msg.topic) {
             return Ok(());
         }
         Metrics::inc(&self.metrics.messages_received_total);
@@ -128,7 +130,7 @@ impl Sink for Intake {
     }
 
     fn submit(&self, msg: Message, done: Responder) -> Result<(), Closed> {
-        if msg.topic == PROOF_REQUEST_TOPIC || msg.topic.starts_with(OWN_PREFIX) {
+        if self.topics.is_own(&msg.topic) {
             self.deliver(msg)?;
             done(Outcome::NotLogged);
             return Ok(());
@@ -138,7 +140,7 @@ impl Sink for Intake {
     }
 
     fn submit_judged(&self, msg: Message, done: Responder) -> Result<(), Closed> {
-        if msg.topic == PROOF_REQUEST_TOPIC || msg.topic.starts_with(OWN_PREFIX) {
+        if self.topics.is_own(&msg.topic) {
             return self.submit(msg, done);
         }
         Metrics::inc(&self.metrics.messages_received_total);
@@ -271,6 +273,8 @@ pub(crate) struct Committer {
     pub writer: Writer,
     pub next_seq: u64,
     pub outbox: Arc<dyn Outbox>,
+    /// Where rejection events are announced.
+    pub rejections_topic: &'static str,
     pub shift: Arc<AtomicU64>,
 }
 
@@ -671,10 +675,19 @@ impl Ingest {
                 return;
             }
         };
-        let Ok(record) = leaf.encode() else {
-            // MQTT topics are at most 65,535 bytes, so this cannot happen.
-            tracing::error!(topic_len = msg.topic.len(), "topic too long to encode; message dropped");
-            return;
+        let (mut msg, mut leaf) = (msg, leaf);
+        if let Some(p) = msg.publisher.take() {
+            leaf = leaf.published_by(*p);
+        }
+        let record = match leaf.encode() {
+            Ok(record) => record,
+            Err(e) => {
+                // MQTT strings are at most 65,535 bytes without NUL, so a
+                // source that checks them never gets here; one that does
+                // not gets a rejection with the reason, never a silent drop.
+                commit.rejections.push(rejection(&msg, Reason::Unstorable, e.to_string(), None));
+                return;
+            }
         };
         commit.leaves.push(StoredLeaf { seq: self.next_seq, digest: leaf.payload_digest, record });
         leaf_counters.push(leaf_counter);
@@ -867,7 +880,7 @@ impl Committer {
                 tracing::warn!(topic = %r.topic, reason = r.reason.as_str(), detail = %r.detail, device = ?r.device, "message rejected");
             }
             let event = serde_json::to_vec(r).unwrap_or_default();
-            if !self.outbox.publish(REJECTIONS_TOPIC, event, false) {
+            if !self.outbox.publish(self.rejections_topic, event, false) {
                 Metrics::inc(&self.writer.metrics.outbox_dropped_total);
             }
         }

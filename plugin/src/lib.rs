@@ -4,7 +4,7 @@
 //! source ──Sink──▶ ingest ──▶ sealer ──▶ anchors
 //!    │  (bounded)   (group      (batch, log,     (ledgers)
 //!    │              commit)      checkpoint)
-//!    └── notary/proof/request ──▶ proof workers ──Outbox──▶ reply_to
+//!    └── $notary/proof/request ──▶ proof workers ──Outbox──▶ the asker
 //!                           HTTP ──▶ proof service ◀── store (SQLite)
 //! ```
 //!
@@ -34,7 +34,7 @@ pub mod topics;
 pub use batcher::BatchPolicy;
 pub use ingest::Intake;
 pub use registry::DevicePolicy;
-pub use topics::{CHECKPOINT_TOPIC, OWN_PREFIX, PROOF_REQUEST_TOPIC, REJECTIONS_TOPIC};
+pub use topics::Topics;
 
 use health::Part;
 use metrics::Metrics;
@@ -77,6 +77,7 @@ pub struct Inlets {
     ingest_rx: Receiver<ingest::IngestItem>,
     proof_rx: Receiver<source::Message>,
     metrics: Arc<Metrics>,
+    topics: Topics,
 }
 
 impl Inlets {
@@ -86,12 +87,13 @@ impl Inlets {
     }
 }
 
-pub fn inlets(queue_capacity: usize) -> (Arc<Intake>, Inlets) {
+/// The pipeline's inlets, for the notary's topic names `topics`.
+pub fn inlets(queue_capacity: usize, topics: Topics) -> (Arc<Intake>, Inlets) {
     let metrics = Arc::new(Metrics::default());
     let (ingest_tx, ingest_rx) = sync_channel(queue_capacity.max(1));
     let (proof_tx, proof_rx) = sync_channel(PROOF_QUEUE);
-    let intake = Arc::new(Intake::new(ingest_tx, proof_tx, metrics.clone()));
-    (intake, Inlets { ingest_rx, proof_rx, metrics })
+    let intake = Arc::new(Intake::new(ingest_tx, proof_tx, metrics.clone(), topics));
+    (intake, Inlets { ingest_rx, proof_rx, metrics, topics })
 }
 
 /// A running pipeline.
@@ -137,7 +139,7 @@ impl Pipeline {
         signer: NoteSigner,
         anchors: Vec<Arc<dyn Anchor>>,
     ) -> Result<Self, StartError> {
-        let Inlets { ingest_rx, proof_rx, metrics } = inlets;
+        let Inlets { ingest_rx, proof_rx, metrics, topics } = inlets;
         metrics.health.set_stall_ms(cfg.stall_ms);
         let give_up = Arc::new(AtomicBool::new(false));
         let writer = store::WriteLock::default();
@@ -149,6 +151,7 @@ impl Pipeline {
             signer,
             anchors,
             outbox: outbox.clone(),
+            checkpoint_topic: topics.checkpoint(),
             policy: cfg.policy,
             metrics: metrics.clone(),
         };
@@ -179,6 +182,7 @@ impl Pipeline {
             },
             next_seq,
             outbox: outbox.clone(),
+            rejections_topic: topics.rejections(),
             shift: shift.clone(),
         };
         let judge = ingest::Ingest {
@@ -203,7 +207,7 @@ impl Pipeline {
             threads.push(spawn(
                 &format!("notary-proofs-{i}"),
                 Part::Proofs,
-                Box::new(move || mqtt_api::serve(rx, p, o, m, holders_only)),
+                Box::new(move || mqtt_api::serve(rx, p, o, m, topics, holders_only)),
             )?);
         }
         let (evm_stop, evm_thread) = match &cfg.evm {

@@ -1,18 +1,30 @@
-//! Proof requests over MQTT.
+//! Proof requests over MQTT (docs/PROTOCOL.md §Proofs over MQTT).
 //!
-//! A client publishes `{"id": ..., "digest": "<BLAKE3 hex>", "reply_to":
-//! "notary/proof/response/<inbox>"}` to `notary/proof/request` and gets one
-//! answer on `reply_to`. A request whose `reply_to` cannot be used (bad JSON,
-//! missing, outside `notary/proof/response/`) is answered on
-//! `notary/proof/errors`, so the broker never publishes onto device topics
-//! on a client's behalf. Sidecars that share a subscription each receive
-//! every request and only the one holding the message answers; errors
-//! (unknown digest, bad request) then go unanswered over MQTT.
+//! A client publishes `{"id": ..., "digest": "<BLAKE3 hex>"}` (and, where
+//! needed, `"reply_to"`) to `$notary/proof/request` and gets one answer:
+//!
+//! - When the source knows who asked (the embedded broker): to that
+//!   session alone, on its MQTT 5 Response Topic with its Correlation Data
+//!   if it gave one, else on `reply_to` if that lies in its own inbox
+//!   `$notary/inbox/<client id>/`, else on `$notary/inbox/<client id>/proof`.
+//!   Errors go to the same place, so they are private too.
+//! - When it does not (a sidecar on another broker): on `reply_to`, which
+//!   must lie under `$notary/inbox/`; a request without a usable one is
+//!   answered on `$notary/proof/errors`, so the notary never publishes onto
+//!   device topics on a client's behalf. Keeping each inbox to its client
+//!   is then that broker's ACL's job (README §Sidecar). Sidecars that share
+//!   a subscription each receive every request and only the one holding the
+//!   message answers; errors (unknown digest, bad request) then go
+//!   unanswered over MQTT.
+//!
+//! With the legacy names (`[topics] legacy = true`) the asker is never
+//! known: `reply_to` under `notary/proof/response/`, errors on
+//! `notary/proof/errors`, as in the previous release.
 
 use crate::metrics::Metrics;
 use crate::proofs::{ProofAnswer, ProofService};
-use crate::source::{Message, Outbox};
-use crate::topics::{ERROR_TOPIC, RESPONSE_PREFIX};
+use crate::source::{Asker, Message, Outbox};
+use crate::topics::Topics;
 use serde_json::{json, Value};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
@@ -20,6 +32,8 @@ use std::sync::{Arc, Mutex};
 /// Larger requests are refused unparsed.
 pub const MAX_REQUEST_BYTES: usize = 4096;
 const MAX_REPLY_TOPIC: usize = 256;
+/// Under the asker's inbox: where answers go when it names no topic.
+pub const DEFAULT_REPLY_LEVEL: &str = "proof";
 
 /// Serves requests from `rx` until it closes. Several workers may share it.
 pub(crate) fn serve(
@@ -27,6 +41,7 @@ pub(crate) fn serve(
     proofs: Arc<ProofService>,
     outbox: Arc<dyn Outbox>,
     metrics: Arc<Metrics>,
+    topics: Topics,
     holders_only: bool,
 ) {
     loop {
@@ -37,14 +52,14 @@ pub(crate) fn serve(
             },
             Err(_) => return,
         };
-        let (topic, answer) = answer(&msg.payload, &proofs);
+        let (topic, answer) = answer(&msg.payload, msg.asker.as_deref(), topics, &proofs);
         if answer.get("status").and_then(Value::as_str) == Some("error") {
             Metrics::inc(&metrics.proof_request_errors_total);
             if holders_only {
                 continue; // another member of the group may hold it
             }
         }
-        if !outbox.publish(&topic, answer.to_string().into_bytes(), false) {
+        if !outbox.answer(&topic, answer.to_string().into_bytes(), msg.asker.as_deref()) {
             Metrics::inc(&metrics.outbox_dropped_total);
         }
     }
@@ -54,27 +69,48 @@ fn error(id: &Value, code: &str, message: impl Into<String>) -> Value {
     json!({"id": id, "status": "error", "error": {"code": code, "message": message.into()}})
 }
 
-/// Returns the reply topic and the answer for one request payload.
-pub fn answer(payload: &[u8], proofs: &ProofService) -> (String, Value) {
-    let to_errors = |v| (ERROR_TOPIC.to_owned(), v);
+/// Returns the reply topic and the answer for one request payload from
+/// `asker` (`None`: not known to the source).
+pub fn answer(
+    payload: &[u8],
+    asker: Option<&Asker>,
+    topics: Topics,
+    proofs: &ProofService,
+) -> (String, Value) {
+    let fallback = match asker {
+        Some(a) => format!("{}{DEFAULT_REPLY_LEVEL}", a.inbox),
+        None => topics.errors().to_owned(),
+    };
+    let to_fallback = |v| (fallback.clone(), v);
     if payload.len() > MAX_REQUEST_BYTES {
-        return to_errors(error(
+        return to_fallback(error(
             &Value::Null,
             "bad_request",
             format!("request larger than {MAX_REQUEST_BYTES} bytes"),
         ));
     }
     let Ok(Value::Object(req)) = serde_json::from_slice::<Value>(payload) else {
-        return to_errors(error(&Value::Null, "bad_request", "request is not a JSON object"));
+        return to_fallback(error(&Value::Null, "bad_request", "request is not a JSON object"));
     };
     let id = req.get("id").cloned().unwrap_or(Value::Null);
-    let reply_to = match req.get("reply_to").and_then(Value::as_str) {
-        Some(t) if valid_reply_topic(t) => t.to_owned(),
-        _ => {
-            return to_errors(error(
+    let reply_to = req.get("reply_to").and_then(Value::as_str);
+    let reply_to = match (asker, reply_to) {
+        (Some(Asker { response_topic: Some(t), .. }), _) => t.clone(),
+        (Some(a), Some(t)) if valid_reply_topic(t, &a.inbox) => t.to_owned(),
+        (Some(a), Some(_)) => {
+            return to_fallback(error(
                 &id,
                 "bad_request",
-                format!("reply_to must be a topic under {RESPONSE_PREFIX} without wildcards"),
+                format!("reply_to must be a topic under your inbox {} without wildcards", a.inbox),
+            ))
+        }
+        (Some(_), None) => fallback.clone(),
+        (None, Some(t)) if valid_reply_topic(t, topics.reply_prefix()) => t.to_owned(),
+        (None, _) => {
+            return to_fallback(error(
+                &id,
+                "bad_request",
+                format!("reply_to must be a topic under {} without wildcards", topics.reply_prefix()),
             ))
         }
     };
@@ -82,7 +118,7 @@ pub fn answer(payload: &[u8], proofs: &ProofService) -> (String, Value) {
         Some(d) => d,
         None => return (reply_to, error(&id, "bad_request", "digest must be 64 hex digits (BLAKE3-256)")),
     };
-    let body = match proofs.lookup(&digest) {
+    let mut body = match proofs.lookup(&digest) {
         Ok(ProofAnswer::Ready(bundles)) => json!({"id": id, "status": "ok", "bundles": bundles}),
         Ok(ProofAnswer::Pending) => json!({"id": id, "status": "pending"}),
         Ok(ProofAnswer::Rejected(r)) => json!({"id": id, "status": "rejected", "rejections": r}),
@@ -92,13 +128,16 @@ pub fn answer(payload: &[u8], proofs: &ProofService) -> (String, Value) {
             error(&id, e.code(), "proof lookup failed")
         }
     };
+    // Echoed, so a client matches an answer on what it asked about, not
+    // on an `id` another client could reuse.
+    body["digest"] = Value::String(hex::encode(digest));
     (reply_to, body)
 }
 
-fn valid_reply_topic(t: &str) -> bool {
-    t.len() > RESPONSE_PREFIX.len()
+fn valid_reply_topic(t: &str, prefix: &str) -> bool {
+    t.len() > prefix.len()
         && t.len() <= MAX_REPLY_TOPIC
-        && t.starts_with(RESPONSE_PREFIX)
+        && t.starts_with(prefix)
         && !t.contains(['+', '#', '\0'])
 }
 

@@ -13,7 +13,6 @@ use crate::health::Part;
 use crate::metrics::Metrics;
 use crate::source::{now_ms, Outbox};
 use crate::store::{SealedBatch, Store, StoreError};
-use crate::topics::CHECKPOINT_TOPIC;
 use notary_anchor::Anchor;
 use notary_proof::tree::{self, NodeSource};
 use notary_proof::{BatchRecord, BatchTree, Checkpoint, Hash, NoteSigner};
@@ -39,6 +38,8 @@ pub(crate) struct Sealer {
     pub signer: NoteSigner,
     pub anchors: Vec<Arc<dyn Anchor>>,
     pub outbox: Arc<dyn Outbox>,
+    /// Where the newest checkpoint is retained.
+    pub checkpoint_topic: &'static str,
     pub policy: BatchPolicy,
     pub metrics: Arc<Metrics>,
 }
@@ -242,7 +243,7 @@ impl Sealer {
 
     fn publish_latest(&self) {
         if let Ok(Some((_, note))) = self.store.latest_checkpoint() {
-            if !self.outbox.publish(CHECKPOINT_TOPIC, note.into_bytes(), true) {
+            if !self.outbox.publish(self.checkpoint_topic, note.into_bytes(), true) {
                 Metrics::inc(&self.metrics.outbox_dropped_total);
             }
         }

@@ -59,7 +59,7 @@ pub struct SidecarSettings {
     /// Share the load with other sidecars: the topics are subscribed as
     /// `$share/<group>/<filter>`, every member subscribes to proof requests
     /// itself, and the retained checkpoint goes to
-    /// `notary/checkpoint/<log name>` (one per member's log).
+    /// `$notary/checkpoint/<log name>` (one per member's log).
     pub group: Option<String>,
     /// The log's name (for the group's checkpoint topic).
     pub log_name: String,
@@ -74,6 +74,8 @@ pub struct SidecarSettings {
     /// Where the sidecar notes, every second while connected, that it was
     /// receiving; at the next start the time since is recorded as an outage.
     pub alive_file: std::path::PathBuf,
+    /// The notary's topic names on that broker.
+    pub notary_topics: crate::Topics,
 }
 
 /// How often the alive file is rewritten while connected.
@@ -85,14 +87,15 @@ fn read_alive(path: &std::path::Path) -> Option<u64> {
 
 struct Outgoing {
     client: Client,
-    /// In a group: where this member's retained checkpoint goes.
-    checkpoint_topic: Option<String>,
+    /// In a group: where this member's retained checkpoint goes instead of
+    /// the checkpoint topic.
+    checkpoint_topic: Option<(&'static str, String)>,
 }
 
 impl Outbox for Outgoing {
     fn publish(&self, topic: &str, payload: Vec<u8>, retain: bool) -> bool {
         let topic = match &self.checkpoint_topic {
-            Some(own) if topic == crate::CHECKPOINT_TOPIC => own.as_str(),
+            Some((shared, own)) if topic == *shared => own.as_str(),
             _ => topic,
         };
         self.client.try_publish(topic, QoS::AtLeastOnce, retain, payload).is_ok()
@@ -105,15 +108,14 @@ pub fn own_topics(client_id: &str) -> String {
 }
 
 /// The filters to subscribe: the topics, shared in a group, and then the
-/// proof requests for every member.
-pub fn subscriptions(topics: &[String], group: Option<&str>) -> Vec<String> {
+/// proof requests for every member. (`#` covers the legacy request topic,
+/// outside a group, and subscribing it twice would bring each request
+/// twice; no filter starting with a wildcard covers `$notary/...`.)
+pub fn subscriptions(topics: &[String], group: Option<&str>, notary: crate::Topics) -> Vec<String> {
+    let request = (group.is_some() || !notary.is_legacy()).then(|| notary.proof_request().to_owned());
     match group {
-        None => topics.to_vec(),
-        Some(g) => topics
-            .iter()
-            .map(|t| format!("$share/{g}/{t}"))
-            .chain([crate::PROOF_REQUEST_TOPIC.to_owned()])
-            .collect(),
+        None => topics.iter().cloned().chain(request).collect(),
+        Some(g) => topics.iter().map(|t| format!("$share/{g}/{t}")).chain(request).collect(),
     }
 }
 
@@ -300,7 +302,7 @@ pub fn start(
     })?;
 
     let mut settings = s.clone();
-    settings.topics = subscriptions(&s.topics, s.group.as_deref());
+    settings.topics = subscriptions(&s.topics, s.group.as_deref(), s.notary_topics);
     settings.topics.push(format!("{}/+", own_topics(&s.client_id)));
     let sub_client = client.clone();
     std::thread::Builder::new().name("notary-sidecar".into()).spawn(move || {
@@ -349,7 +351,7 @@ pub fn start(
                         probe.received(false, &metrics);
                     }
                     let topic = p.topic.clone();
-                    let msg = Message { topic, payload: p.payload.to_vec(), received_at_ms: now_ms() };
+                    let msg = Message::new(topic, p.payload.to_vec(), now_ms());
                     if sink.deliver(msg).is_err() {
                         tracing::info!("pipeline closed; sidecar stops reading");
                         return;
@@ -380,6 +382,7 @@ pub fn start(
             }
         }
     })?;
-    let checkpoint_topic = s.group.as_ref().map(|_| format!("{}/{}", crate::CHECKPOINT_TOPIC, s.log_name));
+    let shared = s.notary_topics.checkpoint();
+    let checkpoint_topic = s.group.as_ref().map(|_| (shared, format!("{shared}/{}", s.log_name)));
     Ok(Arc::new(Outgoing { client, checkpoint_topic }))
 }

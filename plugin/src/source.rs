@@ -12,6 +12,31 @@ pub struct Message {
     pub payload: Vec<u8>,
     /// When the source received it (Unix milliseconds, source's clock).
     pub received_at_ms: u64,
+    /// For a proof request, who asked, when the source knows (the
+    /// embedded broker does; a sidecar does not).
+    pub asker: Option<Box<Asker>>,
+    /// Who published it, when the source knows (the embedded broker): the
+    /// leaf names them (leaf version 2).
+    pub publisher: Option<Box<notary_proof::Publisher>>,
+}
+
+impl Message {
+    pub fn new(topic: impl Into<String>, payload: Vec<u8>, received_at_ms: u64) -> Self {
+        Message { topic: topic.into(), payload, received_at_ms, asker: None, publisher: None }
+    }
+}
+
+/// The session that sent a proof request: its answer goes to that session
+/// alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Asker {
+    pub client_id: String,
+    /// The client's private inbox (`$notary/inbox/<client id>/`).
+    pub inbox: String,
+    /// MQTT 5 Response Topic, if the request carried one.
+    pub response_topic: Option<String>,
+    /// MQTT 5 Correlation Data, returned with the answer.
+    pub correlation: Option<Vec<u8>>,
 }
 
 /// What became of one message handed over with [`Sink::submit`].
@@ -84,6 +109,13 @@ pub trait Outbox: Send + Sync {
     /// Queues a publish. Never blocks; returns false if it was dropped
     /// because the outbox is full or gone.
     fn publish(&self, topic: &str, payload: Vec<u8>, retain: bool) -> bool;
+
+    /// Queues a proof answer on `topic`: to the asking session alone, with
+    /// its correlation data, where the source can address one session;
+    /// otherwise a plain publish.
+    fn answer(&self, topic: &str, payload: Vec<u8>, _asker: Option<&Asker>) -> bool {
+        self.publish(topic, payload, false)
+    }
 }
 
 /// Milliseconds since the Unix epoch on this host's clock.

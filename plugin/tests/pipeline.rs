@@ -10,7 +10,7 @@ use notary_anchor::{Anchor, AnchorError, LocalLedger};
 use notary_plugin::health::Part;
 use notary_plugin::proofs::ProofAnswer;
 use notary_plugin::source::{Message, Outbox, Sink};
-use notary_plugin::{BatchPolicy, DevicePolicy, Pipeline, PipelineConfig, Shutdown};
+use notary_plugin::{BatchPolicy, DevicePolicy, Pipeline, PipelineConfig, Shutdown, Topics};
 use notary_proof::{NoteSigner, Receipt};
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
@@ -77,7 +77,7 @@ fn config(dir: &std::path::Path) -> PipelineConfig {
 }
 
 fn message(i: usize) -> Message {
-    Message { topic: "t/pipeline".into(), payload: format!("message {i}").into_bytes(), received_at_ms: 1 }
+    Message::new("t/pipeline", format!("message {i}").into_bytes(), 1)
 }
 
 fn digest(i: usize) -> [u8; 32] {
@@ -94,7 +94,7 @@ fn anchoring_faults_lose_nothing_and_anchor_each_checkpoint_once() {
     });
     let cfg = config(dir.path());
     let signer = NoteSigner::new("test/pipeline", [9; 32]).expect("signer");
-    let (intake, inlets) = notary_plugin::inlets(64);
+    let (intake, inlets) = notary_plugin::inlets(64, Topics::CURRENT);
     let pipeline =
         Pipeline::start(&cfg, intake.clone(), inlets, Arc::new(NoOutbox), signer, vec![anchor.clone()])
             .expect("pipeline starts");
@@ -148,7 +148,7 @@ fn a_stopped_pipeline_thread_is_reported_and_shutdown_is_bounded() {
     let cfg = config(dir.path());
     let ledger = Arc::new(LocalLedger::open(&dir.path().join("ledger.sqlite")).expect("ledger"));
     let signer = NoteSigner::new("test/pipeline", [9; 32]).expect("signer");
-    let (intake, inlets) = notary_plugin::inlets(64);
+    let (intake, inlets) = notary_plugin::inlets(64, Topics::CURRENT);
     let pipeline = Pipeline::start(&cfg, intake.clone(), inlets, Arc::new(NoOutbox), signer, vec![ledger])
         .expect("pipeline starts");
     intake.deliver(message(0)).expect("delivered");
@@ -176,18 +176,14 @@ fn submitted_messages_are_answered_after_their_commit() {
     cfg.devices.require_signature = vec!["signed/#".into()];
     let ledger = Arc::new(LocalLedger::open(&dir.path().join("ledger.sqlite")).expect("ledger"));
     let signer = NoteSigner::new("test/pipeline", [9; 32]).expect("signer");
-    let (intake, inlets) = notary_plugin::inlets(64);
+    let (intake, inlets) = notary_plugin::inlets(64, Topics::CURRENT);
     let pipeline = Pipeline::start(&cfg, intake.clone(), inlets, Arc::new(NoOutbox), signer, vec![ledger])
         .expect("pipeline starts");
     let (tx, rx) = std::sync::mpsc::channel();
-    let topics = ["plain/a", "signed/x", "notary/proof/request", "plain/b"];
+    let topics = ["plain/a", "signed/x", "$notary/proof/request", "plain/b"];
     for (i, topic) in topics.into_iter().enumerate() {
         let tx = tx.clone();
-        let msg = Message {
-            topic: topic.into(),
-            payload: format!("submitted {i}").into_bytes(),
-            received_at_ms: 1,
-        };
+        let msg = Message::new(topic, format!("submitted {i}").into_bytes(), 1);
         intake.submit(msg, Box::new(move |o| tx.send((i, o)).expect("answer"))).expect("taken");
     }
     let mut answers: Vec<(usize, Outcome)> =
@@ -226,7 +222,7 @@ fn gated_with_poison(
     .expect("trigger");
     let ledger = Arc::new(LocalLedger::open(&dir.join("ledger.sqlite")).expect("ledger"));
     let signer = NoteSigner::new("test/pipeline", [9; 32]).expect("signer");
-    let (intake, inlets) = notary_plugin::inlets(64);
+    let (intake, inlets) = notary_plugin::inlets(64, Topics::CURRENT);
     let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
     intake
         .after_commit(Box::new(move || {
@@ -330,7 +326,7 @@ fn registry_leaves_and_messages_share_one_numbering() {
     queue(RegistryAction::Enrol, "dev-a", Some(key(7)));
     let ledger = Arc::new(LocalLedger::open(&dir.path().join("ledger.sqlite")).expect("ledger"));
     let signer = NoteSigner::new("test/pipeline", [9; 32]).expect("signer");
-    let (intake, inlets) = notary_plugin::inlets(64);
+    let (intake, inlets) = notary_plugin::inlets(64, Topics::CURRENT);
     let pipeline = Pipeline::start(
         &config(dir.path()),
         intake.clone(),

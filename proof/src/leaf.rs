@@ -1,17 +1,22 @@
 //! The leaf record: what the log commits to for one notarized message.
 //!
-//! Fixed binary layout, big-endian, version 1 (docs/PROTOCOL.md §Leaf record):
+//! Fixed binary layout, big-endian (docs/PROTOCOL.md §Leaf record):
 //!
 //! ```text
-//! u8   version            = 1
-//! u8   assurance          1 = broker-received, 2 = device-signed, 3 = registry
+//! u8   version            1, or 2 when the leaf names its publisher
+//! u8   assurance          1 = broker-received, 2 = device-signed, 3 = registry,
+//!                         4 = client-authenticated (version 2 only)
 //! u64  sequence number    broker-global, starts at 0, no gaps
 //! u64  received_at_ms     broker clock, Unix milliseconds
 //! u64  payload length     bytes
 //! [32] payload digest     BLAKE3-256 of the payload
 //! u16  topic length, then the topic (UTF-8, no NUL)
+//! version 2 only, the publisher as the broker knew it:
+//!   u16  client id length, then the client id (UTF-8, no NUL)
+//!   u8   0 = no login checked, 1 = then u16 length + the username the
+//!        broker authenticated (UTF-8, no NUL)
 //! u16  extension length, then assurance-specific fields:
-//!        broker-received: empty
+//!        broker-received, client-authenticated: empty
 //!        device-signed:   device fields (`device::DeviceFields`)
 //!        registry:        the registry event (`device::RegistryEvent`); the
 //!                         payload is the event itself, the topic `notary/registry`
@@ -20,7 +25,11 @@
 use crate::device::{DeviceFields, RegistryEvent, REGISTRY_TOPIC};
 use crate::FormatError;
 
+/// A leaf without a publisher (the first format; sidecar and registry
+/// leaves keep it).
 pub const LEAF_VERSION: u8 = 1;
+/// A leaf that names its publisher.
+pub const LEAF_VERSION_PUBLISHER: u8 = 2;
 /// The longest topic MQTT allows (a u16 length prefix).
 pub const MAX_TOPIC_LEN: usize = u16::MAX as usize;
 
@@ -29,6 +38,10 @@ pub const MAX_TOPIC_LEN: usize = u16::MAX as usize;
 pub enum Assurance {
     /// The broker received these bytes on this topic; the sender is not proven.
     BrokerReceived,
+    /// The broker received these bytes from a client whose login (user
+    /// name and password) it checked before it accepted the message: the
+    /// leaf's username is the broker's word for who published.
+    ClientAuthenticated,
     /// The payload is a device envelope whose signature verified against
     /// the key the registry held for its device at this position.
     DeviceSigned,
@@ -42,6 +55,7 @@ impl Assurance {
             Assurance::BrokerReceived => 1,
             Assurance::DeviceSigned => 2,
             Assurance::Registry => 3,
+            Assurance::ClientAuthenticated => 4,
         }
     }
 
@@ -50,6 +64,7 @@ impl Assurance {
             1 => Some(Assurance::BrokerReceived),
             2 => Some(Assurance::DeviceSigned),
             3 => Some(Assurance::Registry),
+            4 => Some(Assurance::ClientAuthenticated),
             _ => None,
         }
     }
@@ -59,8 +74,20 @@ impl Assurance {
             Assurance::BrokerReceived => "broker-received",
             Assurance::DeviceSigned => "device-signed",
             Assurance::Registry => "registry",
+            Assurance::ClientAuthenticated => "client-authenticated",
         }
     }
+}
+
+/// Who published a message, as the broker knew it (leaf version 2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publisher {
+    /// The MQTT client id, as the client named itself (MQTT does not
+    /// authenticate client ids).
+    pub client_id: String,
+    /// The user name the broker authenticated before it accepted the
+    /// message; `None` when it checked no login.
+    pub username: Option<String>,
 }
 
 /// One notarized message, as committed to by the log.
@@ -72,6 +99,8 @@ pub struct LeafRecord {
     pub payload_len: u64,
     pub payload_digest: [u8; 32],
     pub topic: String,
+    /// `Some` exactly in version 2 leaves.
+    pub publisher: Option<Publisher>,
     pub extension: Vec<u8>,
 }
 
@@ -85,8 +114,19 @@ impl LeafRecord {
             payload_len: payload.len() as u64,
             payload_digest: *blake3::hash(payload).as_bytes(),
             topic: topic.to_owned(),
+            publisher: None,
             extension: Vec::new(),
         }
+    }
+
+    /// Names the publisher (a version 2 leaf). A broker-received leaf whose
+    /// publisher logged in becomes client-authenticated.
+    pub fn published_by(mut self, publisher: Publisher) -> Self {
+        if self.assurance == Assurance::BrokerReceived && publisher.username.is_some() {
+            self.assurance = Assurance::ClientAuthenticated;
+        }
+        self.publisher = Some(publisher);
+        self
     }
 
     /// A device-signed leaf for the envelope `payload` published on `topic`.
@@ -127,10 +167,11 @@ impl LeafRecord {
     /// The canonical encoding. Fails only for a topic or extension longer
     /// than 65,535 bytes, which MQTT cannot carry.
     pub fn encode(&self) -> Result<Vec<u8>, FormatError> {
+        self.check_publisher()?;
         let topic_len = u16::try_from(self.topic.len()).map_err(|_| FormatError("topic too long"))?;
         let ext_len = u16::try_from(self.extension.len()).map_err(|_| FormatError("extension too long"))?;
         let mut out = Vec::with_capacity(62 + self.topic.len() + self.extension.len());
-        out.push(LEAF_VERSION);
+        out.push(if self.publisher.is_some() { LEAF_VERSION_PUBLISHER } else { LEAF_VERSION });
         out.push(self.assurance.code());
         out.extend_from_slice(&self.seq.to_be_bytes());
         out.extend_from_slice(&self.received_at_ms.to_be_bytes());
@@ -138,6 +179,16 @@ impl LeafRecord {
         out.extend_from_slice(&self.payload_digest);
         out.extend_from_slice(&topic_len.to_be_bytes());
         out.extend_from_slice(self.topic.as_bytes());
+        if let Some(p) = &self.publisher {
+            put_str(&mut out, &p.client_id, "client id too long")?;
+            match &p.username {
+                None => out.push(0),
+                Some(u) => {
+                    out.push(1);
+                    put_str(&mut out, u, "username too long")?;
+                }
+            }
+        }
         out.extend_from_slice(&ext_len.to_be_bytes());
         out.extend_from_slice(&self.extension);
         Ok(out)
@@ -147,7 +198,8 @@ impl LeafRecord {
     /// trailing bytes included.
     pub fn decode(bytes: &[u8]) -> Result<Self, FormatError> {
         let mut r = crate::codec::Reader::new(bytes);
-        if r.u8()? != LEAF_VERSION {
+        let version = r.u8()?;
+        if version != LEAF_VERSION && version != LEAF_VERSION_PUBLISHER {
             return Err(FormatError("unsupported leaf version"));
         }
         let assurance = Assurance::from_code(r.u8()?).ok_or(FormatError("unknown assurance level"))?;
@@ -155,23 +207,37 @@ impl LeafRecord {
         let received_at_ms = r.u64()?;
         let payload_len = r.u64()?;
         let payload_digest = r.array32()?;
-        let topic_len = r.u16()? as usize;
-        let topic = std::str::from_utf8(r.take(topic_len)?)
-            .map_err(|_| FormatError("topic is not UTF-8"))?
-            .to_owned();
-        if topic.contains('\0') {
-            return Err(FormatError("topic contains NUL"));
-        }
+        let topic = get_str(&mut r, "topic is not UTF-8 without NUL")?;
+        let publisher = if version == LEAF_VERSION_PUBLISHER {
+            let client_id = get_str(&mut r, "client id is not UTF-8 without NUL")?;
+            let username = match r.u8()? {
+                0 => None,
+                1 => Some(get_str(&mut r, "username is not UTF-8 without NUL")?),
+                _ => return Err(FormatError("bad username flag")),
+            };
+            Some(Publisher { client_id, username })
+        } else {
+            None
+        };
         let ext_len = r.u16()? as usize;
         let extension = r.take(ext_len)?.to_vec();
         r.finish()?;
-        let leaf =
-            LeafRecord { assurance, seq, received_at_ms, payload_len, payload_digest, topic, extension };
+        let leaf = LeafRecord {
+            assurance,
+            seq,
+            received_at_ms,
+            payload_len,
+            payload_digest,
+            topic,
+            publisher,
+            extension,
+        };
+        leaf.check_publisher()?;
         match assurance {
-            Assurance::BrokerReceived if !leaf.extension.is_empty() => {
+            Assurance::BrokerReceived | Assurance::ClientAuthenticated if !leaf.extension.is_empty() => {
                 return Err(FormatError("broker-received leaf with extension fields"))
             }
-            Assurance::BrokerReceived => {}
+            Assurance::BrokerReceived | Assurance::ClientAuthenticated => {}
             Assurance::DeviceSigned => {
                 DeviceFields::decode(&leaf.extension)?;
             }
@@ -188,10 +254,50 @@ impl LeafRecord {
         Ok(leaf)
     }
 
+    /// The publisher rules of the format: a client-authenticated leaf names
+    /// a publisher with a username; a broker-received one never has a
+    /// username (a checked login makes it client-authenticated); a registry
+    /// leaf names no publisher.
+    fn check_publisher(&self) -> Result<(), FormatError> {
+        let username = self.publisher.as_ref().map(|p| p.username.is_some());
+        match (self.assurance, username) {
+            (Assurance::ClientAuthenticated, Some(true)) => Ok(()),
+            (Assurance::ClientAuthenticated, _) => {
+                Err(FormatError("client-authenticated leaf without a username"))
+            }
+            (Assurance::BrokerReceived, Some(true)) => {
+                Err(FormatError("broker-received leaf with a username"))
+            }
+            (Assurance::Registry, Some(_)) => Err(FormatError("registry leaf with a publisher")),
+            _ => Ok(()),
+        }
+    }
+
     /// The RFC 9162 leaf hash of this record's encoding.
     pub fn leaf_hash(&self) -> Result<crate::Hash, FormatError> {
         Ok(crate::hash::leaf_hash(&self.encode()?))
     }
+}
+
+/// A u16-length-prefixed UTF-8 string without NUL.
+fn put_str(out: &mut Vec<u8>, s: &str, too_long: &'static str) -> Result<(), FormatError> {
+    let len = u16::try_from(s.len()).map_err(|_| FormatError(too_long))?;
+    if s.contains('\0') {
+        return Err(FormatError("string contains NUL"));
+    }
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+    Ok(())
+}
+
+/// Reads what [`put_str`] wrote; `what` names it in errors.
+fn get_str(r: &mut crate::codec::Reader, what: &'static str) -> Result<String, FormatError> {
+    let len = r.u16()? as usize;
+    let s = std::str::from_utf8(r.take(len)?).map_err(|_| FormatError(what))?;
+    if s.contains('\0') {
+        return Err(FormatError(what));
+    }
+    Ok(s.to_owned())
 }
 
 #[cfg(test)]
@@ -208,8 +314,42 @@ mod tests {
         assert!(LeafRecord::decode(&longer).is_err());
         assert!(LeafRecord::decode(&bytes[..bytes.len() - 1]).is_err());
         let mut bad_version = bytes.clone();
-        bad_version[0] = 2;
+        bad_version[0] = 3;
         assert!(LeafRecord::decode(&bad_version).is_err());
+    }
+
+    #[test]
+    fn publishers_round_trip_in_version_2_and_obey_the_assurance_rules() {
+        let who =
+            |user: Option<&str>| Publisher { client_id: "gw/7é".into(), username: user.map(Into::into) };
+        let plain = LeafRecord::broker_received(5, 6, "t/x", b"21.5");
+        assert_eq!(plain.encode().expect("v1")[0], 1, "no publisher: version 1, as before");
+        let anonymous = plain.clone().published_by(who(None));
+        assert_eq!(anonymous.assurance, Assurance::BrokerReceived);
+        let logged_in = plain.clone().published_by(who(Some("plant-a")));
+        assert_eq!(logged_in.assurance, Assurance::ClientAuthenticated);
+        for leaf in [&anonymous, &logged_in] {
+            let bytes = leaf.encode().expect("encodes");
+            assert_eq!(bytes[0], 2);
+            assert_eq!(&LeafRecord::decode(&bytes).expect("decodes"), leaf);
+            for n in 0..bytes.len() {
+                assert!(LeafRecord::decode(&bytes[..n]).is_err(), "prefix {n}");
+            }
+        }
+        // Client-authenticated: version 2 with a username, nothing else.
+        let mut bytes = logged_in.encode().expect("encodes");
+        bytes[1] = Assurance::BrokerReceived.code();
+        assert!(LeafRecord::decode(&bytes).is_err(), "broker-received with a checked login");
+        let mut bytes = anonymous.encode().expect("encodes");
+        bytes[1] = Assurance::ClientAuthenticated.code();
+        assert!(LeafRecord::decode(&bytes).is_err(), "client-authenticated without a login");
+        let mut bytes = plain.encode().expect("encodes");
+        bytes[1] = Assurance::ClientAuthenticated.code();
+        assert!(LeafRecord::decode(&bytes).is_err(), "client-authenticated in version 1");
+        let mut bytes = logged_in.encode().expect("encodes");
+        let flag = bytes.len() - 2 - 2 - "plant-a".len() - 1;
+        bytes[flag] = 2;
+        assert!(LeafRecord::decode(&bytes).is_err(), "username flag other than 0 or 1");
     }
 
     #[test]

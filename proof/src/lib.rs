@@ -24,7 +24,7 @@ pub use checkpoint::{Checkpoint, NoteError, NoteSigner, NoteVerifier};
 pub use device::{DeviceFields, RegistryAction, RegistryEvent};
 pub use envelope::{Envelope, EnvelopeError};
 pub use hash::Hash;
-pub use leaf::{Assurance, LeafRecord};
+pub use leaf::{Assurance, LeafRecord, Publisher};
 pub use receipt::{EvmStatus, LocalEntry, Receipt};
 pub use verify::{verify_bundle, verify_bundle_json, Tree, Verified, VerifiedDevice, VerifyError};
 

@@ -286,6 +286,11 @@ fn build_device_log() -> DeviceLog {
         let leaf = LeafRecord::registry(seq, T0 + seq, &e).expect("leaf");
         (leaf, e.encode().expect("event"))
     };
+    let plain = |seq, topic: &str, payload: &[u8]| LeafRecord::broker_received(seq, T0 + seq, topic, payload);
+    let who = |client_id: &str, username: Option<&str>| notary_proof::Publisher {
+        client_id: client_id.into(),
+        username: username.map(Into::into),
+    };
     let signed = |seq, key_seq, counter, env: Vec<u8>| {
         let f = DeviceFields { key_seq, counter, device_time_ms: T0 + counter, device_id: "dev-1".into() };
         (LeafRecord::device_signed(seq, T0 + seq, DEVICE_TOPIC, &env, &f).expect("leaf"), env)
@@ -309,12 +314,20 @@ fn build_device_log() -> DeviceLog {
         signed(6, 0, 4, device_envelope(1, 4, b"{\"kwh\":4}")),
         m5_leaf,
         registry(8, event(RegistryAction::Revoke, None, 4)),
+        // Leaf version 2, naming the publisher (a fourth batch, so the
+        // version 1 vectors above stay as they were).
+        (plain(9, "plain/2", b"22.0").published_by(who("meter-7", Some("plant-a"))), b"22.0".to_vec()),
+        (plain(10, "plain/3", b"23.5").published_by(who("gw/7\u{e9}", None)), b"23.5".to_vec()),
+        {
+            let (leaf, env) = signed(11, 4, 6, device_envelope(2, 6, b"{\"kwh\":6}"));
+            (leaf.published_by(who("dev-1", Some("plant-a"))), env)
+        },
     ];
     let mut log = MemoryTree::new();
     let mut batches = Vec::new();
     let mut notes = Vec::new();
     let mut prev_entry = [0u8; 32];
-    for (number, range) in [0..2usize, 2..8, 8..9].into_iter().enumerate() {
+    for (number, range) in [0..2usize, 2..8, 8..9, 9..12].into_iter().enumerate() {
         let number = number as u64;
         let hashes: Vec<_> =
             leaves[range.clone()].iter().map(|(l, _)| l.leaf_hash().expect("encodes")).collect();
@@ -427,6 +440,28 @@ fn device_cases() -> Vec<Value> {
     let at = payload.len() - 1;
     flip_bit(&mut payload, at, 0);
     add("device-envelope-signature-bit", "digest-mismatch", (payload, b));
+
+    // Leaf version 2: who published.
+    add("publisher-client-authenticated", "valid", log.bundle(9, None));
+    add("publisher-client-id-only", "valid", log.bundle(10, None));
+    add("publisher-device-signed-with-login", "valid", log.bundle(11, Some((4, None))));
+    let username_at = |leaf: &[u8]| leaf.len() - 2 - "plant-a".len();
+    let (payload, mut b) = log.bundle(9, None);
+    let at = username_at(&b.leaf);
+    flip_bit(&mut b.leaf, at, 0);
+    add("publisher-username-bit", "root-mismatch", (payload, b));
+    let (payload, mut b) = log.bundle(9, None);
+    b.leaf[1] = 1; // broker-received, yet naming a checked login
+    add("publisher-broker-received-with-username", "malformed", (payload, b));
+    let (payload, mut b) = log.bundle(10, None);
+    b.leaf[1] = 4; // client-authenticated without a login
+    add("publisher-client-authenticated-without-username", "malformed", (payload, b));
+    let (payload, mut b) = log.bundle(1, None);
+    b.leaf[1] = 4; // client-authenticated in a version 1 leaf
+    add("publisher-client-authenticated-in-version-1", "malformed", (payload, b));
+    let (payload, mut b) = log.bundle(9, None);
+    b.leaf[0] = 1; // version 1 bytes cannot hold the publisher
+    add("publisher-leaf-version-1", "malformed", (payload, b));
     out
 }
 

@@ -17,8 +17,11 @@ fn still_serving(notary: &Notary, tag: &str) {
 fn malformed_proof_requests_get_error_answers() {
     let tmp = tempfile::tempdir().expect("tmp");
     let notary = Notary::start(tmp.path());
-    let sub = Subscriber::start(notary.mqtt, &["notary/proof/response/bad", "notary/proof/errors"], &[]);
-    let reply = "notary/proof/response/bad";
+    // Answers, errors included, go to the asker's own inbox alone.
+    let asker = MqttClient::connect(notary.mqtt, "asker");
+    assert!(asker.subscribe("$notary/inbox/asker/#"));
+    let errors = "$notary/inbox/asker/proof";
+    let reply = "$notary/inbox/asker/bad";
     let unknown = "ab".repeat(32);
     let huge = format!(
         "{{\"id\":\"huge\",\"digest\":\"{}\",\"reply_to\":\"{reply}\",\"pad\":\"{}\"}}",
@@ -26,8 +29,8 @@ fn malformed_proof_requests_get_error_answers() {
         "x".repeat(100_000)
     );
     let requests: Vec<(String, &str, &str)> = vec![
-        ("this is not JSON".into(), "notary/proof/errors", "bad_request"),
-        ("[1,2,3]".into(), "notary/proof/errors", "bad_request"),
+        ("this is not JSON".into(), errors, "bad_request"),
+        ("[1,2,3]".into(), errors, "bad_request"),
         (format!("{{\"id\":\"hex\",\"digest\":\"zz\",\"reply_to\":\"{reply}\"}}"), reply, "bad_request"),
         (format!("{{\"id\":\"short\",\"digest\":\"abcd\",\"reply_to\":\"{reply}\"}}"), reply, "bad_request"),
         (
@@ -37,25 +40,24 @@ fn malformed_proof_requests_get_error_answers() {
         ),
         (
             format!("{{\"id\":\"victim\",\"digest\":\"{unknown}\",\"reply_to\":\"devices/victim\"}}"),
-            "notary/proof/errors",
+            errors,
             "bad_request",
         ),
         (
-            format!("{{\"id\":\"wild\",\"digest\":\"{unknown}\",\"reply_to\":\"notary/proof/response/#\"}}"),
-            "notary/proof/errors",
+            format!("{{\"id\":\"wild\",\"digest\":\"{unknown}\",\"reply_to\":\"$notary/inbox/asker/#\"}}"),
+            errors,
             "bad_request",
         ),
-        (huge, "notary/proof/errors", "bad_request"),
+        (huge, errors, "bad_request"),
     ];
     let mut expected: Vec<(String, String)> = Vec::new();
     for (body, topic, code) in &requests {
-        let out = publish(notary.mqtt, "notary/proof/request", body.as_bytes(), &[]);
-        assert!(out.status.success());
+        asker.publish("$notary/proof/request", body.as_bytes());
         expected.push((topic.to_string(), code.to_string()));
     }
     let mut got: Vec<(String, String)> = (0..requests.len())
         .map(|_| {
-            let (topic, payload) = sub.next_message();
+            let (topic, payload) = asker.next_message();
             let v: Value = serde_json::from_str(&payload).expect("answers are JSON");
             assert_eq!(v["status"], "error", "{payload}");
             (topic, v["error"]["code"].as_str().expect("code").to_owned())

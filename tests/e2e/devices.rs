@@ -154,7 +154,7 @@ fn every_rejection_reason_is_published_counted_and_recorded() {
     n.registry(&["add", "good", "--public-key", &public]);
     n.registry(&["add", "gone", "--public-key", &old_public]);
     n.registry(&["revoke", "gone"]);
-    let sub = Subscriber::start(n.mqtt, &["notary/rejections"], &[]);
+    let sub = Subscriber::start(n.mqtt, &["$notary/rejections"], &[]);
     // Judged before delivered: a device subscriber sees no rejected message.
     let devices_sub = Subscriber::start(n.mqtt, &["secure/#"], &["-F", "%t %x"]);
 
@@ -196,7 +196,7 @@ fn every_rejection_reason_is_published_counted_and_recorded() {
     for (reason, topic, payload) in &cases {
         assert!(publish(n.mqtt, topic, payload, &[]).status.success());
         let (t, event) = sub.next_message();
-        assert_eq!(t, "notary/rejections");
+        assert_eq!(t, "$notary/rejections");
         let event: serde_json::Value = serde_json::from_str(&event).expect("rejection event is JSON");
         assert_eq!(event["reason"], *reason, "{event}");
         assert_eq!(event["topic"], *topic);
@@ -208,13 +208,11 @@ fn every_rejection_reason_is_published_counted_and_recorded() {
     }
 
     // Over MQTT, a proof request for a rejected payload answers "rejected".
-    let inbox = Subscriber::start(n.mqtt, &["notary/proof/response/rej"], &[]);
-    let request = format!(
-        "{{\"id\":7,\"digest\":\"{}\",\"reply_to\":\"notary/proof/response/rej\"}}",
-        blake3_hex(&cases[4].2)
-    );
-    assert!(publish(n.mqtt, "notary/proof/request", request.as_bytes(), &[]).status.success());
-    let (_, answer) = inbox.next_message();
+    let asker = MqttClient::connect(n.mqtt, "asker");
+    assert!(asker.subscribe("$notary/inbox/asker/#"));
+    let request = format!("{{\"id\":7,\"digest\":\"{}\"}}", blake3_hex(&cases[4].2));
+    asker.publish("$notary/proof/request", request.as_bytes());
+    let (_, answer) = asker.next_message();
     let answer: serde_json::Value = serde_json::from_str(&answer).expect("answer is JSON");
     assert_eq!(answer["status"], "rejected", "{answer}");
     assert_eq!(answer["rejections"][0]["reason"], "bad-signature", "{answer}");
@@ -264,7 +262,7 @@ fn rotated_and_revoked_keys_keep_old_proofs_valid_and_refuse_new_messages() {
     n.wait_proof(&m1);
 
     n.registry(&["rotate", "dev", "--public-key", &public_b]);
-    let sub = Subscriber::start(n.mqtt, &["notary/rejections"], &[]);
+    let sub = Subscriber::start(n.mqtt, &["$notary/rejections"], &[]);
     let m2 = envelope(&key_a, "dev", "t", 2, b"old key after rotation");
     assert!(publish(n.mqtt, "t", &m2, &[]).status.success());
     let (_, event) = sub.next_message();

@@ -34,16 +34,18 @@ fn proofs_over_mqtt_and_the_retained_checkpoint() {
     assert!(publish(notary.mqtt, "sensors/a", payload, &[]).status.success());
     let http = notary.wait_proof(payload);
 
-    let sub = Subscriber::start(notary.mqtt, &["notary/proof/response/e2e"], &[]);
+    let asker = MqttClient::connect(notary.mqtt, "e2e");
+    assert!(asker.subscribe("$notary/inbox/e2e/#"));
     let request = format!(
-        "{{\"id\":\"req-1\",\"digest\":\"{}\",\"reply_to\":\"notary/proof/response/e2e\"}}",
+        "{{\"id\":\"req-1\",\"digest\":\"{}\",\"reply_to\":\"$notary/inbox/e2e/req-1\"}}",
         blake3_hex(payload)
     );
-    assert!(publish(notary.mqtt, "notary/proof/request", request.as_bytes(), &[]).status.success());
-    let (topic, answer) = sub.next_message();
-    assert_eq!(topic, "notary/proof/response/e2e");
+    asker.publish("$notary/proof/request", request.as_bytes());
+    let (topic, answer) = asker.next_message();
+    assert_eq!(topic, "$notary/inbox/e2e/req-1");
     let answer: Value = serde_json::from_str(&answer).expect("JSON answer");
     assert_eq!(answer["id"], "req-1");
+    assert_eq!(answer["digest"], blake3_hex(payload), "the answer names what it answers");
     assert_eq!(answer["status"], "ok");
     let bundles = answer["bundles"].as_array().expect("bundles");
     let from_http: Vec<ProofBundle> = serde_json::from_str(&http).expect("bundles");
@@ -52,8 +54,8 @@ fn proofs_over_mqtt_and_the_retained_checkpoint() {
     verify_bundle_json(bundles[0].to_string().as_bytes(), payload, &broker_verifier(&notary))
         .expect("verifies");
 
-    // The latest checkpoint is retained on notary/checkpoint and matches HTTP.
-    let cp_sub = Subscriber::start(notary.mqtt, &["notary/checkpoint"], &["-C", "1"]);
+    // The latest checkpoint is retained on $notary/checkpoint and matches HTTP.
+    let cp_sub = Subscriber::start(notary.mqtt, &["$notary/checkpoint"], &["-C", "1"]);
     let (_, note_first_line) = cp_sub.next_message();
     let (status, note) = notary.get("/v1/checkpoint");
     assert_eq!(status, 200);
@@ -65,12 +67,45 @@ fn proofs_over_mqtt_and_the_retained_checkpoint() {
 fn plugin_topics_are_not_notarized() {
     let tmp = tempfile::tempdir().expect("tmp");
     let notary = Notary::start(tmp.path());
-    assert!(publish(notary.mqtt, "notary/anything", b"internal", &[]).status.success());
+    assert!(publish(notary.mqtt, "$notary/anything", b"internal", &[]).status.success());
+    assert!(publish(notary.mqtt, "notary/anything", b"a device topic now", &[]).status.success());
     assert!(publish(notary.mqtt, "devices/x", b"external", &[]).status.success());
     notary.wait_proof(b"external");
+    notary.wait_proof(b"a device topic now");
     let (status, _) = notary.get(&format!("/v1/proofs/{}", blake3_hex(b"internal")));
     assert_eq!(status, 404);
-    assert_eq!(notary.metric("messages_received_total"), 1);
+    assert_eq!(notary.metric("messages_received_total"), 2);
+}
+
+/// `[topics] legacy = true` keeps the previous release's contract: the
+/// names under `notary/`, requests answered on any `reply_to` under
+/// `notary/proof/response/` (by `mosquitto_pub` and `mosquitto_sub`, two
+/// connections, as before), the checkpoint retained on `notary/checkpoint`,
+/// and clients refused there.
+#[test]
+fn legacy_topic_names_keep_the_previous_contract() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let notary = Notary::start_with(tmp.path(), Some(fast_config(tmp.path(), "[topics]\nlegacy = true\n")));
+    notary.notarize("sensors/a", b"old client");
+    let sub = Subscriber::start(notary.mqtt, &["notary/proof/response/old", "notary/proof/errors"], &[]);
+    let request = format!(
+        r#"{{"id":1,"digest":"{}","reply_to":"notary/proof/response/old"}}"#,
+        blake3_hex(b"old client")
+    );
+    assert!(publish(notary.mqtt, "notary/proof/request", request.as_bytes(), &[]).status.success());
+    let (topic, answer) = sub.next_message();
+    assert_eq!(topic, "notary/proof/response/old");
+    assert!(answer.contains("\"status\":\"ok\""), "{answer}");
+    assert!(publish(notary.mqtt, "notary/proof/request", b"{}", &[]).status.success());
+    assert_eq!(sub.next_message().0, "notary/proof/errors");
+
+    let forged = publish(notary.mqtt, "notary/checkpoint", b"FAKE", &["-r", "-V", "mqttv5", "-d"]);
+    assert!(String::from_utf8_lossy(&forged.stdout).contains("RC:135"));
+    let cp = Subscriber::start(notary.mqtt, &["notary/checkpoint"], &["-C", "1"]);
+    let (_, first_line) = cp.next_message();
+    let (_, note) = notary.get("/v1/checkpoint");
+    assert!(note.starts_with(first_line.trim()), "retained: {first_line:?}");
+    assert_eq!(notary.metric("messages_received_total"), 1, "nothing under notary/ was notarized");
 }
 
 #[test]

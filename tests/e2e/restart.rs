@@ -82,14 +82,13 @@ fn leaves_persisted_but_not_sealed_are_sealed_after_a_crash() {
     eventually("the leaf to be persisted", || (notary.metric("messages_notarized_total") == 1).then_some(()));
     let (status, _) = notary.get(&format!("/v1/proofs/{}", blake3_hex(b"persisted only")));
     assert_eq!(status, 202, "pending until sealed");
-    let sub = Subscriber::start(notary.mqtt, &["notary/proof/response/p"], &[]);
-    let request = format!(
-        "{{\"id\":7,\"digest\":\"{}\",\"reply_to\":\"notary/proof/response/p\"}}",
-        blake3_hex(b"persisted only")
-    );
-    assert!(publish(notary.mqtt, "notary/proof/request", request.as_bytes(), &[]).status.success());
-    let (_, answer) = sub.next_message();
-    assert_eq!(answer, r#"{"id":7,"status":"pending"}"#, "MQTT says pending too");
+    let asker = MqttClient::connect(notary.mqtt, "p");
+    assert!(asker.subscribe("$notary/inbox/p/#"));
+    let request = format!("{{\"id\":7,\"digest\":\"{}\"}}", blake3_hex(b"persisted only"));
+    asker.publish("$notary/proof/request", request.as_bytes());
+    let (_, answer) = asker.next_message();
+    let expected = format!(r#"{{"digest":"{}","id":7,"status":"pending"}}"#, blake3_hex(b"persisted only"));
+    assert_eq!(answer, expected, "MQTT says pending too");
     notary.crash();
 
     notary.config = Some(fast_config(tmp.path(), ""));

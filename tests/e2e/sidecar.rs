@@ -24,19 +24,22 @@ fn ten_thousand_messages_through_mosquitto_are_notarized_by_the_sidecar_and_veri
     assert_eq!(sidecar.metric("source_connected"), 1);
 
     // Proofs over MQTT on Mosquitto itself, and the retained checkpoint.
-    let sub = Subscriber::start(mosquitto.port, &["notary/proof/response/t", "notary/checkpoint"], &[]);
+    // Mosquitto does not tell the sidecar who asked: the request names its
+    // reply topic in its own inbox (kept private by Mosquitto's ACL file,
+    // tested below), and a `#` subscriber sees none of it.
+    let sub = Subscriber::start(mosquitto.port, &["$notary/inbox/t/proof", "$notary/checkpoint", "#"], &[]);
     let digest = blake3_hex(lines[7].as_bytes());
-    let request = format!("{{\"id\":7,\"digest\":\"{digest}\",\"reply_to\":\"notary/proof/response/t\"}}");
-    assert!(publish(mosquitto.port, "notary/proof/request", request.as_bytes(), &[]).status.success());
+    let request = format!("{{\"id\":7,\"digest\":\"{digest}\",\"reply_to\":\"$notary/inbox/t/proof\"}}");
+    assert!(publish(mosquitto.port, "$notary/proof/request", request.as_bytes(), &[]).status.success());
     let (mut got_checkpoint, mut got_answer) = (false, false);
     while !(got_checkpoint && got_answer) {
         let (topic, body) = sub.next_message();
         match topic.as_str() {
-            "notary/checkpoint" => got_checkpoint = body.starts_with(&sidecar_origin(&sidecar)),
-            "notary/proof/response/t" => {
+            "$notary/checkpoint" => got_checkpoint = body.starts_with(&sidecar_origin(&sidecar)),
+            "$notary/inbox/t/proof" => {
                 got_answer = body.contains("\"status\":\"ok\"") && body.contains("\"id\":7");
             }
-            _ => {}
+            other => assert!(!other.starts_with('$'), "`#` matched {other}"),
         }
     }
 }
@@ -299,7 +302,7 @@ fn two_sidecars_in_a_group_notarize_each_message_once_and_the_holder_answers() {
 
     // Each message has a proof at exactly one member; asked over MQTT, the
     // holder answers and the other stays silent.
-    let sub = Subscriber::start(mosquitto.port, &["notary/proof/response/g/#"], &[]);
+    let sub = Subscriber::start(mosquitto.port, &["$notary/inbox/g/#"], &[]);
     for (i, line) in lines.iter().enumerate().step_by(97) {
         let digest = blake3_hex(line.as_bytes());
         let path = format!("/v1/proofs/{digest}");
@@ -312,9 +315,9 @@ fn two_sidecars_in_a_group_notarize_each_message_once_and_the_holder_answers() {
                 _ => None,
             }
         });
-        let reply = format!("notary/proof/response/g/{i}");
+        let reply = format!("$notary/inbox/g/{i}");
         let request = format!("{{\"id\":{i},\"digest\":\"{digest}\",\"reply_to\":\"{reply}\"}}");
-        assert!(publish(mosquitto.port, "notary/proof/request", request.as_bytes(), &[]).status.success());
+        assert!(publish(mosquitto.port, "$notary/proof/request", request.as_bytes(), &[]).status.success());
         let (topic, body) = sub.next_message();
         assert_eq!(topic, reply, "one answer per request, in order");
         let answer: serde_json::Value = serde_json::from_str(&body).expect("answer JSON");
@@ -326,7 +329,7 @@ fn two_sidecars_in_a_group_notarize_each_message_once_and_the_holder_answers() {
     // Each member's checkpoint is retained under its own log's name.
     for n in [&a, &b] {
         let origin = sidecar_origin(n);
-        let cp = Subscriber::start(mosquitto.port, &[&format!("notary/checkpoint/{origin}")], &["-C", "1"]);
+        let cp = Subscriber::start(mosquitto.port, &[&format!("$notary/checkpoint/{origin}")], &["-C", "1"]);
         let (_, first_line) = cp.next_message();
         assert_eq!(first_line.trim(), origin);
     }
@@ -380,4 +383,68 @@ fn the_sidecar_reaches_its_broker_over_tls() {
     let out = publish(mosquitto.port, "t/tls", b"over TLS both ways", &["--cafile", &cafile]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     sidecar.wait_proof(b"over TLS both ways");
+}
+
+/// On a broker it does not control, the sidecar cannot refuse a client's
+/// publish on its topics; the broker's ACL can. With `deploy/mosquitto.acl`
+/// verbatim (the README's example) and Debian's Mosquitto: a client cannot
+/// forge the retained checkpoint or an answer in another client's inbox,
+/// cannot read another client's inbox, and the asker gets the real answer.
+#[test]
+fn the_documented_mosquitto_acl_keeps_the_notarys_topics_to_the_sidecar() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let acl = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/mosquitto.acl");
+    let passwd = mosquitto_password_file(tmp.path(), "notary", "side car");
+    let mosquitto = Mosquitto::start_with(&format!(
+        "allow_anonymous true\npassword_file {}\nacl_file {}\n",
+        passwd.display(),
+        acl.display()
+    ));
+    let secret = tmp.path().join("upstream.password");
+    std::fs::write(&secret, "side car\n").expect("write");
+    let sidecar = Notary::sidecar(
+        tmp.path(),
+        "sidecar",
+        mosquitto.port,
+        &format!("[sidecar]\nusername = \"notary\"\npassword_file = {:?}\n", secret.display().to_string()),
+    );
+    let alice = MqttClient::connect(mosquitto.port, "alice");
+    alice.subscribe("$notary/inbox/alice/#");
+    let mallory = MqttClient::connect(mosquitto.port, "mallory");
+    for filter in ["$notary/inbox/alice/#", "$notary/#", "$notary/inbox/+/proof", "sensors/marker"] {
+        mallory.subscribe(filter);
+    }
+    // (With `mosquitto_pub`: Mosquitto 2.0.11 answers a denied QoS 1
+    // publish from an MQTT 3.1.1 client with a PUBACK that carries an MQTT 5
+    // reason code, which rumqttc does not accept.)
+    let forged = br#"{"id":1,"status":"error","error":{"code":"not_found","message":"forged"}}"#;
+    for (topic, payload) in [("$notary/inbox/alice/proof", &forged[..]), ("$notary/checkpoint", b"FAKE")] {
+        let out = publish(mosquitto.port, topic, payload, &["-r", "-i", "mallory-2", "-V", "mqttv5", "-d"]);
+        assert!(String::from_utf8_lossy(&out.stdout).contains("RC:135"), "Mosquitto's ACL refuses {topic}");
+    }
+
+    alice.publish("sensors/a", b"behind an ACL");
+    sidecar.wait_proof(b"behind an ACL");
+    let digest = blake3_hex(b"behind an ACL");
+    let request = format!(r#"{{"id":1,"digest":"{digest}","reply_to":"$notary/inbox/alice/proof"}}"#);
+    alice.publish("$notary/proof/request", request.as_bytes());
+    let (topic, answer) = alice.next_message();
+    assert_eq!(topic, "$notary/inbox/alice/proof");
+    assert!(
+        answer.contains("\"status\":\"ok\"") && answer.contains(&digest),
+        "the real answer first: {answer}"
+    );
+
+    alice.publish("sensors/marker", b"after the answer");
+    loop {
+        // Everyone may read the checkpoint; no one another's inbox.
+        let (topic, _) = mallory.next_message();
+        assert!(!topic.starts_with("$notary/inbox/"), "another client read {topic}");
+        if topic == "sensors/marker" {
+            break;
+        }
+    }
+    let cp = Subscriber::start(mosquitto.port, &["$notary/checkpoint"], &["-C", "1"]);
+    let (_, first_line) = cp.next_message();
+    assert_eq!(first_line.trim(), sidecar_origin(&sidecar), "the sidecar's signed checkpoint is retained");
 }

@@ -985,3 +985,87 @@ impl Drop for AckedPublisher {
         let _ = self.child.wait();
     }
 }
+
+/// An MQTT 3.1.1 client (rumqttc) with a client id of its own that
+/// subscribes and publishes on one connection: what a proof requester on
+/// the notary's private inboxes needs, which `mosquitto_pub` and
+/// `mosquitto_sub` (two connections) cannot be.
+pub struct MqttClient {
+    client: rumqttc::Client,
+    events: Receiver<rumqttc::Packet>,
+    /// Packets received while waiting for another kind, in order.
+    held: Mutex<std::collections::VecDeque<rumqttc::Packet>>,
+}
+
+impl MqttClient {
+    /// Connects as `client_id`; returns once the CONNACK arrived.
+    pub fn connect(port: u16, client_id: &str) -> MqttClient {
+        let mut opts = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(60));
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut connection) = rumqttc::Client::new(opts, 16);
+        let (tx, events) = channel();
+        std::thread::spawn(move || {
+            for event in connection.iter() {
+                match event {
+                    Ok(rumqttc::Event::Incoming(p)) => {
+                        if tx.send(p).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        eprintln!("MQTT client: the connection ended: {e}");
+                        return;
+                    }
+                }
+            }
+        });
+        let c = MqttClient { client, events, held: Mutex::default() };
+        c.wait("CONNACK", |p| matches!(p, rumqttc::Packet::ConnAck(_)));
+        c
+    }
+
+    fn wait(&self, what: &str, pred: impl Fn(&rumqttc::Packet) -> bool) -> rumqttc::Packet {
+        let mut held = self.held.lock().expect("held packets");
+        if let Some(i) = held.iter().position(&pred) {
+            return held.remove(i).expect("found");
+        }
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(p) if pred(&p) => return p,
+                Ok(p) => held.push_back(p),
+                Err(_) => panic!("MQTT client: no {what}"),
+            }
+        }
+    }
+
+    /// Subscribes one filter at QoS 1; returns whether the broker granted it.
+    pub fn subscribe(&self, filter: &str) -> bool {
+        self.client.subscribe(filter, rumqttc::QoS::AtLeastOnce).expect("queue SUBSCRIBE");
+        match self.wait("SUBACK", |p| matches!(p, rumqttc::Packet::SubAck(_))) {
+            rumqttc::Packet::SubAck(ack) => {
+                matches!(ack.return_codes.as_slice(), [rumqttc::SubscribeReasonCode::Success(_)])
+            }
+            _ => unreachable!("waited for a SUBACK"),
+        }
+    }
+
+    /// Publishes at QoS 1 and waits for the PUBACK.
+    pub fn publish(&self, topic: &str, payload: &[u8]) {
+        self.client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload.to_vec())
+            .expect("queue PUBLISH");
+        self.wait("PUBACK", |p| matches!(p, rumqttc::Packet::PubAck(_)));
+    }
+
+    /// The next message received, as (topic, payload).
+    pub fn next_message(&self) -> (String, String) {
+        match self.wait("message", |p| matches!(p, rumqttc::Packet::Publish(_))) {
+            rumqttc::Packet::Publish(p) => (p.topic, String::from_utf8_lossy(&p.payload).into_owned()),
+            _ => unreachable!("waited for a PUBLISH"),
+        }
+    }
+}

@@ -6,13 +6,16 @@ use crate::auth::PasswordFile;
 use crate::metrics::Metrics;
 use crate::reason::Reason;
 use crate::registry::DevicePolicy;
-use crate::source::{now_ms, Message, Outcome, Sink};
-use crate::topics::{OWN_PREFIX, PROOF_REQUEST_TOPIC};
+use crate::source::{now_ms, Asker, Message, Outcome, Sink};
+use crate::topics::Topics;
 use async_trait::async_trait;
-use rmqtt::codec::v5::PublishAckReason;
+use notary_proof::Publisher;
+use rmqtt::codec::v5::{PublishAckReason, SubscribeAckReason};
 use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType};
+use rmqtt::session::Session;
 use rmqtt::types::{
-    AuthResult, ConnectInfo, FromType, LastWill, Publish, PublishAclResult, PublishResult, QoS,
+    AuthResult, ConnectInfo, FromType, Id, LastWill, Publish, PublishAclResult, PublishResult, QoS,
+    Subscribe, SubscribeAclResult,
 };
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -66,6 +69,7 @@ pub(super) struct NotaryHook {
     passwords: Option<Arc<PasswordFile>>,
     ack: AckMode,
     reject_v311: RejectV311,
+    topics: Topics,
     /// The listener probe's client id, refused quietly.
     probe_id: String,
     max_payload: usize,
@@ -88,17 +92,18 @@ impl NotaryHook {
             passwords: s.passwords.clone(),
             ack: s.ack,
             reject_v311: s.reject_v311,
+            topics: s.topics,
         }
     }
 
     /// The verdict on one client publish, as rmqtt's ACL result.
-    async fn check_publish(&self, v5: bool, publish: &Publish) -> PublishResult {
+    async fn check_publish(&self, session: &Session, v5: bool, publish: &Publish) -> PublishResult {
         let topic: &str = &publish.topic;
         if let Some(why) = topic_name_problem(topic) {
             tracing::debug!(topic, why, "publish refused: invalid topic name");
             return PublishResult::reason_code(PublishAckReason::TopicNameInvalid, Some(why.into()), true);
         }
-        if let Some(why) = own_topic_problem(topic) {
+        if let Some(why) = own_topic_problem(self.topics, topic) {
             Metrics::inc(&self.metrics.mqtt_own_topic_refused_total);
             tracing::debug!(topic, "publish refused: a topic of the notary's own");
             if !v5 {
@@ -117,12 +122,32 @@ impl NotaryHook {
                 true,
             );
         }
-        let msg =
-            Message { topic: topic.to_owned(), payload: publish.payload.to_vec(), received_at_ms: now_ms() };
-        if topic == PROOF_REQUEST_TOPIC {
-            // Consumed by the notary, which answers on the requester's reply
-            // topic; never routed, so no subscriber (not even `#`) reads
+        let mut msg = Message::new(topic, publish.payload.to_vec(), now_ms());
+        msg.publisher = Some(self.publisher(&session.id));
+        if topic == self.topics.proof_request() {
+            // Consumed by the notary, which answers the asking session
+            // alone; never routed, so no subscriber (not even `#`) reads
             // another client's requests. MQTT 5: PUBACK 0x10.
+            let client_id: &str = &session.id.client_id;
+            if let Some(inbox) = self.topics.inbox(client_id) {
+                let props = publish.properties.as_ref();
+                let response_topic = props.and_then(|p| p.response_topic.as_ref()).map(|t| t.to_string());
+                if let Some(why) = response_topic.as_deref().and_then(topic_name_problem) {
+                    let why = format!("Response Topic: {why}");
+                    return PublishResult::reason_code(
+                        PublishAckReason::TopicNameInvalid,
+                        Some(why.into()),
+                        false,
+                    );
+                }
+                let correlation = props.and_then(|p| p.correlation_data.as_ref()).map(|c| c.to_vec());
+                msg.asker = Some(Box::new(Asker {
+                    client_id: client_id.to_owned(),
+                    inbox,
+                    response_topic,
+                    correlation,
+                }));
+            }
             return match self.work.send(Work::Deliver(msg)).await {
                 Ok(()) => PublishResult::reason_code(PublishAckReason::NoMatchingSubscribers, None, false),
                 Err(_) => not_committed(),
@@ -183,7 +208,7 @@ impl NotaryHook {
                 tracing::debug!(client = %info.id().client_id, why, "CONNECT refused: invalid will topic");
                 return AuthResult::NotAuthorized;
             }
-            if topic.starts_with(OWN_PREFIX) {
+            if self.topics.is_own(topic) {
                 Metrics::inc(&self.metrics.mqtt_own_topic_refused_total);
                 tracing::warn!(client = %info.id().client_id, %topic, "CONNECT refused: a will on a topic of the notary's own");
                 return AuthResult::NotAuthorized;
@@ -213,14 +238,31 @@ impl NotaryHook {
         }
     }
 
+    /// A SUBSCRIBE's filter (shared or not): refused when it could match
+    /// another client's inbox; `None` lets rmqtt subscribe it.
+    fn check_subscribe(&self, session: &Session, subscribe: &Subscribe) -> Option<SubscribeAclResult> {
+        let filter: &str = &subscribe.topic_filter;
+        let why = self.topics.subscribe_problem(filter, &session.id.client_id)?;
+        Metrics::inc(&self.metrics.mqtt_own_topic_refused_total);
+        tracing::debug!(client = %session.id.client_id, filter, why, "subscription refused");
+        Some(SubscribeAclResult::new_failure(SubscribeAckReason::NotAuthorized))
+    }
+
+    /// Who published, for the leaf: the client id, and the user name when
+    /// the broker checked this login against the password file.
+    fn publisher(&self, id: &Id) -> Box<Publisher> {
+        Box::new(Publisher {
+            client_id: id.client_id.to_string(),
+            username: self.passwords.as_ref().and(id.username.as_ref()).map(|u| u.to_string()),
+        })
+    }
+
     /// A will about to be sent: notarized first. It was judged a plain
-    /// message at CONNECT, so the pipeline takes it as a leaf.
-    async fn notarize_will(&self, publish: &Publish) {
-        let msg = Message {
-            topic: publish.topic.to_string(),
-            payload: publish.payload.to_vec(),
-            received_at_ms: now_ms(),
-        };
+    /// message at CONNECT, so the pipeline takes it as a leaf, naming the
+    /// client whose will it is.
+    async fn notarize_will(&self, from: &rmqtt::types::From, publish: &Publish) {
+        let mut msg = Message::new(publish.topic.to_string(), publish.payload.to_vec(), now_ms());
+        msg.publisher = Some(self.publisher(&from.id));
         let (answer, outcome) = oneshot::channel();
         let sent = self.work.send(Work::Submit { msg, committed: true, answer }).await;
         if sent.is_err() || outcome.await.is_err() {
@@ -235,14 +277,20 @@ impl Handler for NotaryHook {
         match param {
             Parameter::MessagePublishCheckAcl(session, publish) => {
                 let v5 = session.protocol().await.is_ok_and(|v| v == MQTT_LEVEL_5);
-                let verdict = self.check_publish(v5, publish).await;
+                let verdict = self.check_publish(session, v5, publish).await;
                 (false, Some(HookResult::PublishAclResult(PublishAclResult(verdict))))
+            }
+            Parameter::ClientSubscribeCheckAcl(session, subscribe) => {
+                match self.check_subscribe(session, subscribe) {
+                    Some(refused) => (false, Some(HookResult::SubscribeAclResult(refused))),
+                    None => (true, acc),
+                }
             }
             Parameter::ClientAuthenticate(info) => {
                 (false, Some(HookResult::AuthResult(self.authenticate(info).await)))
             }
             Parameter::MessagePublish(_, from, publish) if matches!(from.typ(), FromType::LastWill) => {
-                self.notarize_will(publish).await;
+                self.notarize_will(from, publish).await;
                 (true, acc)
             }
             // A delivery to one subscriber dropped (its queue full, the
@@ -276,10 +324,10 @@ pub(super) fn topic_name_problem(topic: &str) -> Option<&'static str> {
 }
 
 /// Why a client may not publish on `topic`: only the notary publishes
-/// under its own prefix (answers, checkpoints, rejection events), so no
+/// under its own root (answers, checkpoints, rejection events), so no
 /// client can forge them; clients publish there only proof requests.
-pub(super) fn own_topic_problem(topic: &str) -> Option<&'static str> {
-    (topic.starts_with(OWN_PREFIX) && topic != PROOF_REQUEST_TOPIC).then_some(
+pub(super) fn own_topic_problem(topics: Topics, topic: &str) -> Option<&'static str> {
+    (topics.is_own(topic) && topic != topics.proof_request()).then_some(
         "only the notary publishes on its own topics; clients may publish only proof requests there",
     )
 }

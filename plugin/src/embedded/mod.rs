@@ -25,7 +25,8 @@ mod probe;
 use crate::auth::PasswordFile;
 use crate::metrics::Metrics;
 use crate::registry::DevicePolicy;
-use crate::source::{Outbox, Sink};
+use crate::source::{Asker, Outbox, Sink};
+use crate::topics::Topics;
 use bytes::Bytes;
 use hook::{NotaryHook, Work};
 use rmqtt::context::ServerContext;
@@ -96,6 +97,8 @@ pub struct EmbeddedSettings {
     pub reject_v311: RejectV311,
     /// The devices policy, for judging plain messages in the hook.
     pub policy: DevicePolicy,
+    /// The notary's topic names.
+    pub topics: Topics,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -177,6 +180,7 @@ pub async fn start(
     let register = scx.extends.hook_mgr().register();
     register.add(Type::ClientAuthenticate, Box::new(hook.clone())).await;
     register.add(Type::MessagePublishCheckAcl, Box::new(hook.clone())).await;
+    register.add(Type::ClientSubscribeCheckAcl, Box::new(hook.clone())).await;
     register.add(Type::MessagePublish, Box::new(hook.clone())).await;
     register.add(Type::MessageDropped, Box::new(hook)).await;
     register.start().await;
@@ -248,6 +252,9 @@ struct Out {
     topic: String,
     payload: Vec<u8>,
     retain: bool,
+    /// Delivered to this client's session alone, whatever it subscribed.
+    to: Option<ClientId>,
+    correlation: Option<Bytes>,
 }
 
 /// Forwards the pipeline's own publishes, in order (a newer checkpoint
@@ -262,9 +269,15 @@ async fn forward_own(scx: ServerContext, mut rx: mpsc::Receiver<Out>) {
             topic: out.topic.into(),
             packet_id: None,
             payload: Bytes::from(out.payload),
-            properties: Some(Default::default()),
+            properties: Some(rmqtt::codec::v5::PublishProperties {
+                correlation_data: out.correlation,
+                ..Default::default()
+            }),
         };
-        let publish = Publish::from(codec).create_time(rmqtt::utils::timestamp_millis());
+        let mut publish = Publish::from(codec).create_time(rmqtt::utils::timestamp_millis());
+        if let Some(to) = out.to {
+            publish = publish.target_clientid(to);
+        }
         if let Err(e) =
             SessionState::forwards(&scx, From::from_system(id.clone()), publish, false, None).await
         {
@@ -279,6 +292,19 @@ struct BrokerOutbox {
 
 impl Outbox for BrokerOutbox {
     fn publish(&self, topic: &str, payload: Vec<u8>, retain: bool) -> bool {
-        self.tx.try_send(Out { topic: topic.to_owned(), payload, retain }).is_ok()
+        self.tx
+            .try_send(Out { topic: topic.to_owned(), payload, retain, to: None, correlation: None })
+            .is_ok()
+    }
+
+    fn answer(&self, topic: &str, payload: Vec<u8>, asker: Option<&Asker>) -> bool {
+        let out = Out {
+            topic: topic.to_owned(),
+            payload,
+            retain: false,
+            to: asker.map(|a| ClientId::from(a.client_id.clone())),
+            correlation: asker.and_then(|a| a.correlation.clone()).map(Bytes::from),
+        };
+        self.tx.try_send(out).is_ok()
     }
 }
