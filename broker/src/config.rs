@@ -277,6 +277,7 @@ pub struct MqttConfig {
     pub ack: Ack,
     pub reject_v311: RejectV311,
     pub password_file: Option<PathBuf>,
+    pub acl_file: Option<PathBuf>,
     pub tls: Option<TlsConfig>,
 }
 
@@ -360,6 +361,7 @@ impl Default for MqttConfig {
             ack: Ack::AfterCommit,
             reject_v311: RejectV311::Drop,
             password_file: None,
+            acl_file: None,
             tls: None,
         }
     }

@@ -6,7 +6,7 @@
 use crate::config::{Config, EnrolmentFile};
 use anyhow::Context as _;
 use notary_anchor::{Anchor, LocalLedger};
-use notary_plugin::auth::PasswordFile;
+use notary_plugin::auth::Logins;
 use notary_plugin::embedded::{self, EmbeddedSettings};
 use notary_plugin::{http, keys, tls, BatchPolicy, Pipeline, PipelineConfig, Shutdown};
 use std::net::SocketAddr;
@@ -127,14 +127,10 @@ fn embedded_settings(cfg: &Config) -> anyhow::Result<EmbeddedSettings> {
         },
         policy: cfg.devices.policy(),
         topics: cfg.topics.topics(),
-        passwords: match &cfg.mqtt.password_file {
-            Some(path) => {
-                let file = PasswordFile::load(path)?;
-                tracing::info!(file = %path.display(), users = file.len(), "MQTT clients must log in");
-                Some(Arc::new(file))
-            }
-            None => None,
-        },
+        logins: Arc::new(
+            Logins::load(cfg.mqtt.password_file.clone(), cfg.mqtt.acl_file.clone())
+                .map_err(anyhow::Error::msg)?,
+        ),
     })
 }
 
@@ -284,10 +280,12 @@ fn serve(cfg: Config, source: Source, new_log: bool) -> anyhow::Result<Shutdown>
         header_read_timeout: std::time::Duration::from_millis(cfg.http.header_read_timeout_ms),
     };
     let deadline = std::time::Duration::from_millis(cfg.ingest.shutdown_timeout_ms);
+    let logins = settings.logins.clone();
     let outcome = rt.block_on(async move {
         // Signal handlers first: once HTTP answers, a SIGTERM must find
         // them in place (a supervisor or test may stop us right away).
         let signalled = shutdown_signal()?;
+        reload_on_sighup(logins)?;
         let stop = CancellationToken::new();
         let metrics = pipeline.metrics.clone();
         let server = tokio::spawn(http::serve(listener, http::router(api), limits, metrics, stop.clone()));
@@ -311,6 +309,31 @@ fn serve(cfg: Config, source: Source, new_log: bool) -> anyhow::Result<Shutdown>
     // stage still blocked after the deadline ends with the process.
     rt.shutdown_background();
     Ok(outcome)
+}
+
+/// Installs the SIGHUP handler now: each SIGHUP reads the password and ACL
+/// files again (both or neither take effect).
+fn reload_on_sighup(logins: Arc<Logins>) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                let l = logins.clone();
+                match tokio::task::spawn_blocking(move || l.reload()).await {
+                    Ok(Ok(())) => tracing::info!("SIGHUP: password and ACL files reloaded"),
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "SIGHUP: reload failed; the files in force stay")
+                    }
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: reload failed; the files in force stay"),
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    drop(logins);
+    Ok(())
 }
 
 /// Installs the SIGINT and SIGTERM handlers now; the future ends at the

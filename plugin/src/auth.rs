@@ -206,3 +206,63 @@ mod tests {
         assert!(!f.check("nobody", b"y"));
     }
 }
+
+/// The password and ACL files in force, both replaced together when the
+/// operator asks for a reload (SIGHUP), as Mosquitto does.
+#[derive(Debug, Default)]
+pub struct Logins {
+    password_path: Option<std::path::PathBuf>,
+    acl_path: Option<std::path::PathBuf>,
+    passwords: std::sync::RwLock<Option<std::sync::Arc<PasswordFile>>>,
+    acl: std::sync::RwLock<Option<std::sync::Arc<crate::acl::AclFile>>>,
+}
+
+impl Logins {
+    /// Reads the files (either may be absent: no logins, no ACL).
+    pub fn load(
+        password_path: Option<std::path::PathBuf>,
+        acl_path: Option<std::path::PathBuf>,
+    ) -> Result<Self, String> {
+        let logins = Logins { password_path, acl_path, ..Default::default() };
+        logins.reload()?;
+        Ok(logins)
+    }
+
+    /// Reads both files again and puts them in force together; on any
+    /// error the ones in force stay, and the error says why.
+    pub fn reload(&self) -> Result<(), String> {
+        let passwords = match &self.password_path {
+            Some(p) => Some(std::sync::Arc::new(PasswordFile::load(p).map_err(|e| e.to_string())?)),
+            None => None,
+        };
+        let acl = match &self.acl_path {
+            Some(p) => Some(std::sync::Arc::new(crate::acl::AclFile::load(p).map_err(|e| e.to_string())?)),
+            None => None,
+        };
+        if let Some(p) = &passwords {
+            tracing::info!(users = p.len(), "password file in force: every MQTT client must log in");
+        }
+        if acl.is_some() {
+            tracing::info!("ACL file in force: per-topic access for MQTT clients");
+        }
+        *self.passwords.write().unwrap_or_else(|e| e.into_inner()) = passwords;
+        *self.acl.write().unwrap_or_else(|e| e.into_inner()) = acl;
+        Ok(())
+    }
+
+    /// The password file in force; `None`: logins are off.
+    pub fn passwords(&self) -> Option<std::sync::Arc<PasswordFile>> {
+        // Never fails open: a poisoned lock still holds the file in force.
+        self.passwords.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The ACL file in force; `None`: every client may use every topic.
+    pub fn acl(&self) -> Option<std::sync::Arc<crate::acl::AclFile>> {
+        self.acl.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether an ACL file is configured (its checks are then installed).
+    pub fn has_acl(&self) -> bool {
+        self.acl_path.is_some()
+    }
+}

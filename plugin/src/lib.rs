@@ -11,6 +11,7 @@
 //! See ARCHITECTURE.md for the invariants each stage keeps.
 #![forbid(unsafe_code)]
 
+pub mod acl;
 pub mod auth;
 pub mod batcher;
 pub mod embedded;

@@ -69,7 +69,9 @@ metrics! {
     accept_errors_total: "counter", "Failed accepts on the HTTP and TLS listeners (e.g. out of file descriptors).";
     tls_connections_refused_total: "counter", "TLS connections closed at once because max_connections were open.";
     mqtt_deliveries_dropped_total: "counter", "Embedded broker: deliveries to one subscriber dropped (its queue past mqtt.max_queued_messages, the message expired, or its session ended); the message itself is notarized.";
-    mqtt_own_topic_refused_total: "counter", "Embedded broker: client publishes (and wills) refused because they name a topic of the notary's own other than the proof request topic.";
+    mqtt_own_topic_refused_total: "counter", "Embedded broker: client publishes, wills and subscriptions refused because they name a topic of the notary's own (other than the proof request topic) or could match another client's inbox.";
+    mqtt_acl_denied_total: "counter", "Embedded broker: client publishes and wills refused by the ACL file (never notarized).";
+    mqtt_acl_filtered_total: "counter", "Embedded broker: deliveries withheld from a subscriber the ACL file does not let read the topic.";
     outbox_dropped_total: "counter", "Outgoing publishes dropped because the outbox was full.";
     source_connected: "gauge", "Sidecar: 1 while connected to the upstream broker.";
     source_disconnects_total: "counter", "Sidecar: times the connection to the upstream broker was lost.";

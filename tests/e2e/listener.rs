@@ -245,7 +245,11 @@ fn a_will_is_notarized_before_it_is_sent_and_a_signed_will_is_refused_at_connect
     // Notarized before it was sent: the proof is there (committed) already.
     let status = n.get(&format!("/v1/proofs/{}", blake3_hex(b"device-1 went away"))).0;
     assert!(status == 200 || status == 202, "the will was sent before its commit ({status})");
-    n.wait_proof(b"device-1 went away");
+    let body = n.wait_proof(b"device-1 went away");
+    // The will's leaf names the client whose will it was.
+    let bundles: Vec<notary_proof::ProofBundle> = serde_json::from_str(&body).expect("bundles");
+    let leaf = notary_proof::LeafRecord::decode(&bundles[0].leaf).expect("leaf");
+    assert_eq!(leaf.publisher.map(|p| p.client_id).as_deref(), Some("willing"));
 
     // A will the notary could only judge when it fires is refused now.
     let mut s = open(n.mqtt);

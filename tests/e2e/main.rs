@@ -2,6 +2,7 @@
 //! clients, real SQLite files. One test binary; modules by theme.
 
 mod access;
+mod acl;
 mod anchoring;
 mod bad_input;
 mod cli;

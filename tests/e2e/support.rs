@@ -243,6 +243,14 @@ impl Notary {
         code(status)
     }
 
+    /// Sends the running notary a signal (`kill -SIG`).
+    pub fn signal(&self, sig: &str) {
+        let child = self.child.as_ref().expect("running");
+        let ok =
+            Command::new("kill").arg(format!("-{sig}")).arg(child.id().to_string()).status().expect("kill");
+        assert!(ok.success());
+    }
+
     /// `/healthz`: (status, parsed body).
     pub fn health(&self) -> (u16, serde_json::Value) {
         let (status, body) = self.get("/healthz");

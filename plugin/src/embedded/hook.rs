@@ -2,7 +2,8 @@
 //! default, committed) before rmqtt forwards or acknowledges it.
 
 use super::{AckMode, EmbeddedSettings, RejectV311};
-use crate::auth::PasswordFile;
+use crate::acl::Access;
+use crate::auth::Logins;
 use crate::metrics::Metrics;
 use crate::reason::Reason;
 use crate::registry::DevicePolicy;
@@ -66,7 +67,7 @@ pub(super) fn hand_off(mut rx: mpsc::Receiver<Work>, sink: Arc<dyn Sink>) {
 pub(super) struct NotaryHook {
     work: mpsc::Sender<Work>,
     policy: Arc<DevicePolicy>,
-    passwords: Option<Arc<PasswordFile>>,
+    logins: Arc<Logins>,
     ack: AckMode,
     reject_v311: RejectV311,
     topics: Topics,
@@ -89,7 +90,7 @@ impl NotaryHook {
             probe_id,
             max_payload: s.max_payload_bytes,
             policy: Arc::new(s.policy.clone()),
-            passwords: s.passwords.clone(),
+            logins: s.logins.clone(),
             ack: s.ack,
             reject_v311: s.reject_v311,
             topics: s.topics,
@@ -110,6 +111,16 @@ impl NotaryHook {
                 let disconnect = self.reject_v311 == RejectV311::Disconnect;
                 return PublishResult::reason_code(PublishAckReason::NotAuthorized, None, disconnect);
             }
+            return PublishResult::reason_code(PublishAckReason::NotAuthorized, Some(why.into()), false);
+        }
+        if !self.topics.is_own(topic) && !self.may(&session.id, topic, Access::Write) {
+            Metrics::inc(&self.metrics.mqtt_acl_denied_total);
+            tracing::debug!(client = %session.id.client_id, topic, "publish refused by the ACL file");
+            if !v5 {
+                let disconnect = self.reject_v311 == RejectV311::Disconnect;
+                return PublishResult::reason_code(PublishAckReason::NotAuthorized, None, disconnect);
+            }
+            let why = "the ACL file does not let this client publish here";
             return PublishResult::reason_code(PublishAckReason::NotAuthorized, Some(why.into()), false);
         }
         if publish.payload.len() > self.max_payload {
@@ -213,6 +224,14 @@ impl NotaryHook {
                 tracing::warn!(client = %info.id().client_id, %topic, "CONNECT refused: a will on a topic of the notary's own");
                 return AuthResult::NotAuthorized;
             }
+            let (id, user) = (&info.id().client_id, info.username());
+            let writable =
+                self.logins.acl().is_none_or(|acl| acl.allows(id, user.map(|u| &**u), topic, Access::Write));
+            if !writable {
+                Metrics::inc(&self.metrics.mqtt_acl_denied_total);
+                tracing::warn!(client = %id, %topic, "CONNECT refused: the ACL file does not let this client publish its will");
+                return AuthResult::NotAuthorized;
+            }
             if !self.policy.takes_plain(topic, payload) {
                 // A signed will's counter and signature could only be
                 // judged when it fires, too late to refuse it.
@@ -220,7 +239,7 @@ impl NotaryHook {
                 return AuthResult::NotAuthorized;
             }
         }
-        let Some(passwords) = self.passwords.clone() else {
+        let Some(passwords) = self.logins.passwords() else {
             return AuthResult::Allow(false, None);
         };
         let user = info.username().map(|u| u.to_string()).unwrap_or_default();
@@ -238,6 +257,12 @@ impl NotaryHook {
         }
     }
 
+    /// Whether the ACL file in force (if any) lets this client `access`
+    /// `topic`.
+    fn may(&self, id: &Id, topic: &str, access: Access) -> bool {
+        self.logins.acl().is_none_or(|acl| acl.allows(&id.client_id, id.username.as_deref(), topic, access))
+    }
+
     /// A SUBSCRIBE's filter (shared or not): refused when it could match
     /// another client's inbox; `None` lets rmqtt subscribe it.
     fn check_subscribe(&self, session: &Session, subscribe: &Subscribe) -> Option<SubscribeAclResult> {
@@ -253,7 +278,7 @@ impl NotaryHook {
     fn publisher(&self, id: &Id) -> Box<Publisher> {
         Box::new(Publisher {
             client_id: id.client_id.to_string(),
-            username: self.passwords.as_ref().and(id.username.as_ref()).map(|u| u.to_string()),
+            username: self.logins.passwords().and(id.username.as_ref()).map(|u| u.to_string()),
         })
     }
 
@@ -296,6 +321,22 @@ impl Handler for NotaryHook {
             // A delivery to one subscriber dropped (its queue full, the
             // message expired, its session ended). Refusals of our own
             // arrive here too, without a receiver: those are rejections.
+            // Just before each delivery (registered with an ACL file only):
+            // a subscriber receives only what it may read, as in
+            // Mosquitto; the notary's own topics follow their own rules.
+            Parameter::MessageExpiryCheck(session, _, publish)
+                if !self.topics.is_own(&publish.topic)
+                    && !self.may(&session.id, &publish.topic, Access::Read) =>
+            {
+                Metrics::inc(&self.metrics.mqtt_acl_filtered_total);
+                (false, Some(HookResult::MessageExpiry))
+            }
+            // Our own ACL filtering arrives here as an expiry: not a drop.
+            Parameter::MessageDropped(Some(to), _, publish, rmqtt::types::Reason::MessageExpiration)
+                if !self.topics.is_own(&publish.topic) && !self.may(to, &publish.topic, Access::Read) =>
+            {
+                (true, acc)
+            }
             Parameter::MessageDropped(Some(to), _, publish, reason) => {
                 let n = self.metrics.mqtt_deliveries_dropped_total.fetch_add(1, Relaxed) + 1;
                 if n.is_power_of_two() {

@@ -22,7 +22,7 @@
 mod hook;
 mod probe;
 
-use crate::auth::PasswordFile;
+use crate::auth::Logins;
 use crate::metrics::Metrics;
 use crate::registry::DevicePolicy;
 use crate::source::{Asker, Outbox, Sink};
@@ -91,8 +91,9 @@ pub struct EmbeddedSettings {
     /// Messages queued per session for a slow or offline subscriber; the
     /// oldest is dropped past it.
     pub max_queued_messages: usize,
-    /// When set, every client must log in with a user and password from it.
-    pub passwords: Option<Arc<PasswordFile>>,
+    /// The password file (every client must then log in) and the ACL file
+    /// in force, reloaded together on SIGHUP.
+    pub logins: Arc<Logins>,
     pub ack: AckMode,
     pub reject_v311: RejectV311,
     /// The devices policy, for judging plain messages in the hook.
@@ -182,6 +183,9 @@ pub async fn start(
     register.add(Type::MessagePublishCheckAcl, Box::new(hook.clone())).await;
     register.add(Type::ClientSubscribeCheckAcl, Box::new(hook.clone())).await;
     register.add(Type::MessagePublish, Box::new(hook.clone())).await;
+    if settings.logins.has_acl() {
+        register.add(Type::MessageExpiryCheck, Box::new(hook.clone())).await;
+    }
     register.add(Type::MessageDropped, Box::new(hook)).await;
     register.start().await;
 
