@@ -256,6 +256,7 @@ struct Out {
     topic: String,
     payload: Vec<u8>,
     retain: bool,
+    qos: QoS,
     /// Delivered to this client's session alone, whatever it subscribed.
     to: Option<ClientId>,
     correlation: Option<Bytes>,
@@ -269,7 +270,7 @@ async fn forward_own(scx: ServerContext, mut rx: mpsc::Receiver<Out>) {
         let codec = CodecPublish {
             dup: false,
             retain: out.retain,
-            qos: QoS::AtLeastOnce,
+            qos: out.qos,
             topic: out.topic.into(),
             packet_id: None,
             payload: Bytes::from(out.payload),
@@ -296,9 +297,15 @@ struct BrokerOutbox {
 
 impl Outbox for BrokerOutbox {
     fn publish(&self, topic: &str, payload: Vec<u8>, retain: bool) -> bool {
-        self.tx
-            .try_send(Out { topic: topic.to_owned(), payload, retain, to: None, correlation: None })
-            .is_ok()
+        let out = Out {
+            topic: topic.to_owned(),
+            payload,
+            retain,
+            qos: QoS::AtLeastOnce,
+            to: None,
+            correlation: None,
+        };
+        self.tx.try_send(out).is_ok()
     }
 
     fn answer(&self, topic: &str, payload: Vec<u8>, asker: Option<&Asker>) -> bool {
@@ -306,6 +313,10 @@ impl Outbox for BrokerOutbox {
             topic: topic.to_owned(),
             payload,
             retain: false,
+            // At most once: an asker who misses an answer asks again. (At
+            // QoS 1, rmqtt's targeted delivery took 24 ms at p50 under the
+            // benchmark's load, against 1.6 ms at QoS 0.)
+            qos: if asker.is_some() { QoS::AtMostOnce } else { QoS::AtLeastOnce },
             to: asker.map(|a| ClientId::from(a.client_id.clone())),
             correlation: asker.and_then(|a| a.correlation.clone()).map(Bytes::from),
         };
