@@ -72,23 +72,9 @@ pub struct AclFile {
     patterns: Vec<Rule>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum AclFileError {
-    #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
-    #[error("{path} line {line}: {why}")]
-    Invalid { path: String, line: usize, why: &'static str },
-}
-
 impl AclFile {
-    pub fn load(path: &Path) -> Result<Self, AclFileError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| AclFileError::Io { path: path.display().to_string(), source })?;
-        Self::parse(&text).map_err(|(line, why)| AclFileError::Invalid {
-            path: path.display().to_string(),
-            line,
-            why,
-        })
+    pub fn load(path: &Path) -> Result<Self, crate::auth::FileError> {
+        crate::auth::load_file(path, Self::parse)
     }
 
     /// Parses the file's text; an error names the 1-based line.

@@ -35,12 +35,23 @@ enum Hash {
     Pbkdf2Sha512 { iterations: u32, salt: Vec<u8>, hash: Vec<u8> },
 }
 
+/// A password or ACL file that cannot be used.
 #[derive(Debug, thiserror::Error)]
-pub enum PasswordFileError {
+pub enum FileError {
     #[error("{path}: {source}")]
     Io { path: String, source: std::io::Error },
     #[error("{path} line {line}: {why}")]
     Invalid { path: String, line: usize, why: &'static str },
+}
+
+/// Reads `path` and parses it with `parse`, which names the bad line.
+pub(crate) fn load_file<T>(
+    path: &Path,
+    parse: impl FnOnce(&str) -> Result<T, (usize, &'static str)>,
+) -> Result<T, FileError> {
+    let name = || path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| FileError::Io { path: name(), source })?;
+    parse(&text).map_err(|(line, why)| FileError::Invalid { path: name(), line, why })
 }
 
 /// The most PBKDF2 iterations accepted: a file with more would let one
@@ -48,14 +59,8 @@ pub enum PasswordFileError {
 const MAX_ITERATIONS: u32 = 1_000_000;
 
 impl PasswordFile {
-    pub fn load(path: &Path) -> Result<Self, PasswordFileError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| PasswordFileError::Io { path: path.display().to_string(), source })?;
-        Self::parse(&text).map_err(|(line, why)| PasswordFileError::Invalid {
-            path: path.display().to_string(),
-            line,
-            why,
-        })
+    pub fn load(path: &Path) -> Result<Self, FileError> {
+        load_file(path, Self::parse)
     }
 
     /// Parses the file's text; an error names the 1-based line.

@@ -32,13 +32,18 @@ impl Topics {
         self.legacy
     }
 
+    /// The current name, or the legacy one.
+    fn pick(&self, current: &'static str, legacy: &'static str) -> &'static str {
+        if self.legacy {
+            legacy
+        } else {
+            current
+        }
+    }
+
     /// Topics under this prefix belong to mqtt-notary and are never notarized.
     pub fn prefix(&self) -> &'static str {
-        if self.legacy {
-            "notary/"
-        } else {
-            "$notary/"
-        }
+        self.pick("$notary/", "notary/")
     }
 
     /// Whether `topic` lies under the notary's root.
@@ -48,49 +53,29 @@ impl Topics {
 
     /// Proof requests over MQTT (docs/PROTOCOL.md §Proofs over MQTT).
     pub fn proof_request(&self) -> &'static str {
-        if self.legacy {
-            "notary/proof/request"
-        } else {
-            "$notary/proof/request"
-        }
+        self.pick("$notary/proof/request", "notary/proof/request")
     }
 
     /// The newest signed checkpoint, retained.
     pub fn checkpoint(&self) -> &'static str {
-        if self.legacy {
-            "notary/checkpoint"
-        } else {
-            "$notary/checkpoint"
-        }
+        self.pick("$notary/checkpoint", "notary/checkpoint")
     }
 
     /// Rejection events, as JSON (docs/PROTOCOL.md §Rejections).
     pub fn rejections(&self) -> &'static str {
-        if self.legacy {
-            "notary/rejections"
-        } else {
-            "$notary/rejections"
-        }
+        self.pick("$notary/rejections", "notary/rejections")
     }
 
     /// Where a request's `reply_to` must lie when the asker is not known
     /// (a sidecar on a broker that does not say who published).
     pub fn reply_prefix(&self) -> &'static str {
-        if self.legacy {
-            "notary/proof/response/"
-        } else {
-            INBOX_PREFIX
-        }
+        self.pick(INBOX_PREFIX, "notary/proof/response/")
     }
 
     /// Answers to requests that name no usable reply topic, when the asker
     /// is not known.
     pub fn errors(&self) -> &'static str {
-        if self.legacy {
-            "notary/proof/errors"
-        } else {
-            "$notary/proof/errors"
-        }
+        self.pick("$notary/proof/errors", "notary/proof/errors")
     }
 
     /// A client's private inbox (with its trailing `/`): answers to its

@@ -3,26 +3,14 @@
 //! answers, and SIGHUP reloads the ACL and password files together.
 
 use crate::support::*;
-use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-fn conformance_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/conformance")
-}
-
-/// Case name → (delivered, expected).
+/// Case name, delivered, expected.
 fn run_cases(port: u16) -> Vec<(String, bool, bool)> {
-    let out = Command::new("python3")
-        .arg(conformance_dir().join("acl_cases.py"))
-        .args(["--port", &port.to_string()])
-        .output()
-        .expect("python3 runs");
-    assert!(out.status.success(), "acl_cases.py failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).expect("one JSON line per case");
+    conformance_script("acl_cases.py", port)
+        .into_iter()
+        .map(|v| {
             (v["case"].as_str().expect("case").to_owned(), v["delivered"] == true, v["expected"] == true)
         })
         .collect()
@@ -30,7 +18,7 @@ fn run_cases(port: u16) -> Vec<(String, bool, bool)> {
 
 #[test]
 fn the_same_acl_file_gives_the_same_answers_on_mosquitto_and_on_ours() {
-    let acl = conformance_dir().join("acl_file");
+    let acl = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/conformance/acl_file");
     let mosquitto = Mosquitto::start_with(&format!("allow_anonymous true\nacl_file {}\n", acl.display()));
     let theirs = run_cases(mosquitto.port);
     let tmp = tempfile::tempdir().expect("tmp");

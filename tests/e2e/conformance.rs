@@ -5,24 +5,13 @@
 //! broker. Ours must pass every scenario Mosquitto passes.
 
 use crate::support::*;
-use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::Command;
 
 /// Scenario name → (passed, why not).
 fn run_scenarios(port: u16) -> BTreeMap<String, (bool, String)> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/conformance/mqtt_conformance.py");
-    let out = Command::new("python3")
-        .arg(&script)
-        .args(["--port", &port.to_string()])
-        .output()
-        .expect("python3 runs");
-    assert!(out.status.success(), "the conformance script failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).expect("one JSON result per line");
+    conformance_script("mqtt_conformance.py", port)
+        .into_iter()
+        .map(|v| {
             let name = v["scenario"].as_str().expect("scenario").to_owned();
             let why = v["why"].as_str().unwrap_or("").to_owned();
             (name, (v["pass"] == true, why))

@@ -263,20 +263,27 @@ fn qos0_messages_missed_while_the_sidecar_is_down_are_reported_as_an_outage() {
     assert!(from <= missed_at && missed_at <= to, "the window {from}..{to} covers {missed_at}");
 }
 
-#[test]
-fn the_sidecar_logs_in_with_a_password_from_a_file() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let passwd = mosquitto_password_file(tmp.path(), "notary", "side car");
-    let mosquitto =
-        Mosquitto::start_with(&format!("allow_anonymous false\npassword_file {}\n", passwd.display()));
-    let secret = tmp.path().join("upstream.password");
+/// Mosquitto with `extra` configuration lines and a password file holding
+/// the sidecar's login (`notary`), and a sidecar that logs in with the
+/// password from a file of its own.
+fn sidecar_with_login(dir: &std::path::Path, extra: &str) -> (Mosquitto, Notary) {
+    let passwd = mosquitto_password_file(dir, "notary", "side car");
+    let mosquitto = Mosquitto::start_with(&format!("{extra}password_file {}\n", passwd.display()));
+    let secret = dir.join("upstream.password");
     std::fs::write(&secret, "side car\n").expect("write");
     let sidecar = Notary::sidecar(
-        tmp.path(),
+        dir,
         "sidecar",
         mosquitto.port,
         &format!("[sidecar]\nusername = \"notary\"\npassword_file = {:?}\n", secret.display().to_string()),
     );
+    (mosquitto, sidecar)
+}
+
+#[test]
+fn the_sidecar_logs_in_with_a_password_from_a_file() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (mosquitto, sidecar) = sidecar_with_login(tmp.path(), "allow_anonymous false\n");
     let out = publish(mosquitto.port, "t/login", b"behind a login", &["-u", "notary", "-P", "side car"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     sidecar.wait_proof(b"behind a login");
@@ -394,20 +401,8 @@ fn the_sidecar_reaches_its_broker_over_tls() {
 fn the_documented_mosquitto_acl_keeps_the_notarys_topics_to_the_sidecar() {
     let tmp = tempfile::tempdir().expect("tmp");
     let acl = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/mosquitto.acl");
-    let passwd = mosquitto_password_file(tmp.path(), "notary", "side car");
-    let mosquitto = Mosquitto::start_with(&format!(
-        "allow_anonymous true\npassword_file {}\nacl_file {}\n",
-        passwd.display(),
-        acl.display()
-    ));
-    let secret = tmp.path().join("upstream.password");
-    std::fs::write(&secret, "side car\n").expect("write");
-    let sidecar = Notary::sidecar(
-        tmp.path(),
-        "sidecar",
-        mosquitto.port,
-        &format!("[sidecar]\nusername = \"notary\"\npassword_file = {:?}\n", secret.display().to_string()),
-    );
+    let (mosquitto, sidecar) =
+        sidecar_with_login(tmp.path(), &format!("allow_anonymous true\nacl_file {}\n", acl.display()));
     let alice = MqttClient::connect(mosquitto.port, "alice");
     alice.subscribe("$notary/inbox/alice/#");
     let mallory = MqttClient::connect(mosquitto.port, "mallory");

@@ -1077,3 +1077,19 @@ impl MqttClient {
         }
     }
 }
+
+/// Runs `tests/conformance/<script> --port <port>` and returns its output,
+/// one JSON value per line.
+pub fn conformance_script(script: &str, port: u16) -> Vec<serde_json::Value> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/conformance").join(script);
+    let out = Command::new("python3")
+        .arg(&path)
+        .args(["--port", &port.to_string()])
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "{script} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON value per line"))
+        .collect()
+}
