@@ -267,7 +267,13 @@ impl Logins {
     }
 
     /// Whether an ACL file is configured (its checks are then installed).
+    /// Fixed at start-up: a reload that fails keeps the files in force.
     pub fn has_acl(&self) -> bool {
         self.acl_path.is_some()
+    }
+
+    /// Whether a password file is configured: every client logs in.
+    pub fn has_passwords(&self) -> bool {
+        self.password_path.is_some()
     }
 }

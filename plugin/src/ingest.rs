@@ -598,7 +598,7 @@ impl Ingest {
         leaf_counters: &mut Vec<Option<(String, u64)>>,
     ) {
         let mut leaf_counter = None;
-        let (msg, leaf) = match j {
+        let (mut msg, mut leaf) = match j {
             Judged::Plain(msg) => {
                 let leaf =
                     LeafRecord::broker_received(self.next_seq, msg.received_at_ms, &msg.topic, &msg.payload);
@@ -675,7 +675,6 @@ impl Ingest {
                 return;
             }
         };
-        let (mut msg, mut leaf) = (msg, leaf);
         if let Some(p) = msg.publisher.take() {
             leaf = leaf.published_by(*p);
         }

@@ -107,21 +107,13 @@ impl NotaryHook {
         if let Some(why) = own_topic_problem(self.topics, topic) {
             Metrics::inc(&self.metrics.mqtt_own_topic_refused_total);
             tracing::debug!(topic, "publish refused: a topic of the notary's own");
-            if !v5 {
-                let disconnect = self.reject_v311 == RejectV311::Disconnect;
-                return PublishResult::reason_code(PublishAckReason::NotAuthorized, None, disconnect);
-            }
-            return PublishResult::reason_code(PublishAckReason::NotAuthorized, Some(why.into()), false);
+            return self.refused(v5, PublishAckReason::NotAuthorized, why.into());
         }
         if !self.topics.is_own(topic) && !self.may(&session.id, topic, Access::Write) {
             Metrics::inc(&self.metrics.mqtt_acl_denied_total);
             tracing::debug!(client = %session.id.client_id, topic, "publish refused by the ACL file");
-            if !v5 {
-                let disconnect = self.reject_v311 == RejectV311::Disconnect;
-                return PublishResult::reason_code(PublishAckReason::NotAuthorized, None, disconnect);
-            }
             let why = "the ACL file does not let this client publish here";
-            return PublishResult::reason_code(PublishAckReason::NotAuthorized, Some(why.into()), false);
+            return self.refused(v5, PublishAckReason::NotAuthorized, why.into());
         }
         if publish.payload.len() > self.max_payload {
             let why =
@@ -184,11 +176,17 @@ impl NotaryHook {
         }
     }
 
-    fn rejected(&self, v5: bool, reason: Reason, detail: &str) -> PublishResult {
+    /// A publish refused: MQTT 5 gets `code` and `why`; MQTT 3.1.1, which
+    /// has no reason codes, gets what `reject_v311` says.
+    fn refused(&self, v5: bool, code: PublishAckReason, why: String) -> PublishResult {
         if !v5 {
             let disconnect = self.reject_v311 == RejectV311::Disconnect;
             return PublishResult::reason_code(PublishAckReason::NotAuthorized, None, disconnect);
         }
+        PublishResult::reason_code(code, Some(why.into()), false)
+    }
+
+    fn rejected(&self, v5: bool, reason: Reason, detail: &str) -> PublishResult {
         let code = match reason {
             Reason::MalformedEnvelope | Reason::UnsupportedAlg | Reason::Oversize => {
                 PublishAckReason::PayloadFormatInvalid
@@ -201,7 +199,7 @@ impl NotaryHook {
             | Reason::TopicMismatch
             | Reason::SignatureRequired => PublishAckReason::NotAuthorized,
         };
-        PublishResult::reason_code(code, Some(format!("{reason}: {detail}").into()), false)
+        self.refused(v5, code, format!("{reason}: {detail}"))
     }
 
     /// A CONNECT: its will is judged now (it is published later, when no
@@ -260,7 +258,11 @@ impl NotaryHook {
     /// Whether the ACL file in force (if any) lets this client `access`
     /// `topic`.
     fn may(&self, id: &Id, topic: &str, access: Access) -> bool {
-        self.logins.acl().is_none_or(|acl| acl.allows(&id.client_id, id.username.as_deref(), topic, access))
+        !self.logins.has_acl()
+            || self
+                .logins
+                .acl()
+                .is_none_or(|acl| acl.allows(&id.client_id, id.username.as_deref(), topic, access))
     }
 
     /// A SUBSCRIBE's filter (shared or not): refused when it could match
@@ -278,7 +280,7 @@ impl NotaryHook {
     fn publisher(&self, id: &Id) -> Box<Publisher> {
         Box::new(Publisher {
             client_id: id.client_id.to_string(),
-            username: self.logins.passwords().and(id.username.as_ref()).map(|u| u.to_string()),
+            username: id.username.as_ref().filter(|_| self.logins.has_passwords()).map(|u| u.to_string()),
         })
     }
 
