@@ -105,7 +105,8 @@ fn an_anchoring_transaction_is_checked_on_chain_with_nothing_but_rpc() {
     // calldata, nothing else (printed for the cost estimate in the docs).
     assert!((21_000..23_000).contains(&gas), "gas {gas}");
     println!("gas per anchor: {gas}");
-    receipt.check(note).expect("binds the note");
+    let broker_key = notary_proof::NoteSigner::new("example.com/log", [1; 32]).expect("key").verifier();
+    receipt.check(note, &broker_key).expect("binds the note");
     let check =
         |r: &Receipt, from: Option<[u8; 20]>, min: u64| check_on_chain(&anvil.url, r, from, min, TIMEOUT);
     assert_eq!(check(&receipt, Some(client.from()), 1), Ok(1));
@@ -158,12 +159,15 @@ fn an_anchoring_transaction_is_checked_on_chain_with_nothing_but_rpc() {
         }
     });
     assert_eq!(check(&other_chain, None, 1), Err(OnChainError::WrongChain { expected: 1, actual: 31337 }));
-    let local = Receipt::local(&notary_proof::LocalEntry {
-        index: 0,
-        prev_hash: [0; 32],
-        checkpoint_hash: [0; 32],
-        anchored_at_ms: 0,
-    });
+    let local = Receipt::local(
+        &notary_proof::LocalEntry {
+            index: 0,
+            prev_hash: [0; 32],
+            checkpoint_hash: [0; 32],
+            anchored_at_ms: 0,
+        },
+        None,
+    );
     assert_eq!(check(&local, None, 1), Err(OnChainError::NotEvm));
 }
 

@@ -45,8 +45,9 @@ pub fn measure(seconds: f64) -> Ceiling {
                 payload: &payload,
             };
             let Ok(bytes) = envelope::sign(key, &fields) else { continue };
-            if let Ok(e) = Envelope::parse(&bytes, &topic) {
-                envelopes.push((e, key.verifying_key()));
+            let device_key = envelope::DeviceKey::from_bytes(key.verifying_key().as_bytes());
+            if let (Ok(e), Ok(k)) = (Envelope::parse(&bytes, &topic), device_key) {
+                envelopes.push((e, k));
             }
         }
     }

@@ -157,7 +157,8 @@ fn serve(cfg: Config, source: Source, new_log: bool) -> anyhow::Result<Shutdown>
     let origin = (!cfg.log.origin.is_empty()).then_some(cfg.log.origin.as_str());
     let signer = keys::load_or_create(dir, origin)?;
     tracing::info!(log = signer.name(), key = %dir.join(keys::PUB_FILE).display(), "checkpoint key");
-    let ledger: Arc<dyn Anchor> = Arc::new(LocalLedger::open(&dir.join(LEDGER_FILE))?);
+    let ledger: Arc<dyn Anchor> =
+        Arc::new(LocalLedger::open(&dir.join(LEDGER_FILE))?.signing(signer.clone()));
     if let Some(file) = &cfg.devices.enrolment_file {
         let entries = EnrolmentFile::load(file)?.device;
         let store = notary_plugin::store::Store::open(dir)?;

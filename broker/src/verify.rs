@@ -58,23 +58,15 @@ pub fn bundle(
             ),
             None => None,
         };
-        let (mut bundles, is_array): (Vec<ProofBundle>, bool) =
-            match serde_json::from_slice::<serde_json::Value>(&json) {
-                Ok(serde_json::Value::Array(items)) => (
-                    items
-                        .into_iter()
-                        .map(serde_json::from_value)
-                        .collect::<Result<_, _>>()
-                        .map_err(|e| fail(INVALID, format!("malformed bundle: {e} [malformed]")))?,
-                    true,
-                ),
-                Ok(v) => (
-                    vec![serde_json::from_value(v)
-                        .map_err(|e| fail(INVALID, format!("malformed bundle: {e} [malformed]")))?],
-                    false,
-                ),
-                Err(e) => return Err(fail(INVALID, format!("malformed bundle: {e} [malformed]"))),
-            };
+        // Parsed straight into the bundle types, never through a generic
+        // JSON value, which would let the last of two equal keys win.
+        let malformed = |e: serde_json::Error| fail(INVALID, format!("malformed bundle: {e} [malformed]"));
+        let is_array = json.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
+        let mut bundles: Vec<ProofBundle> = if is_array {
+            serde_json::from_slice(&json).map_err(malformed)?
+        } else {
+            vec![serde_json::from_slice(&json).map_err(malformed)?]
+        };
         if bundles.is_empty() {
             return Err(fail(INVALID, "the file holds no bundle [malformed]"));
         }
@@ -126,7 +118,7 @@ fn print_verified(v: &Verified) {
         if let Some((action, seq)) = d.superseded {
             println!("  key status:  {} at sequence {seq}, after this message", action.as_str());
         } else {
-            println!("  key status:  valid at the checkpoint");
+            println!("  key status:  no later key event in the bundle (the broker's claim: a bundle cannot prove an absence)");
         }
     }
     println!("  sequence:    {}", v.leaf.seq);
@@ -139,11 +131,11 @@ fn print_verified(v: &Verified) {
     );
     println!("  checkpoint:  {} size {}", v.checkpoint.origin, v.checkpoint.size);
     for r in &v.receipts {
-        println!("  anchor:      {}", r.describe());
+        print_anchor(r);
     }
     for (cp, receipts) in &v.later {
         for r in receipts {
-            println!("  anchor:      {}", r.describe());
+            print_anchor(r);
             println!(
                 "               of checkpoint size {}, proven consistent with size {}",
                 cp.size, v.checkpoint.size
@@ -151,7 +143,27 @@ fn print_verified(v: &Verified) {
         }
     }
     for ledger in &v.pending_ledgers {
-        println!("  pending:     {ledger}: not anchored there yet (ask again later: --upgrade URL)");
+        println!("  pending:     {ledger}: not anchored there yet, the broker says (ask again later: --upgrade URL)");
+    }
+}
+
+/// One receipt, and what proves its fields: the broker's signed ledger
+/// head for a local receipt, the chain itself (`--rpc`) for an EVM one.
+fn print_anchor(r: &notary_proof::Receipt) {
+    println!("  anchor:      {}", r.describe());
+    match r {
+        notary_proof::Receipt::Local { .. } if r.is_signed() => {
+            println!("               entry signed by the broker's key (ledger head)")
+        }
+        notary_proof::Receipt::Local { .. } => println!(
+            "               unproven claim: no signed ledger head (a receipt from an earlier release); \
+             index and time are the broker's unsigned word"
+        ),
+        notary_proof::Receipt::Evm { .. } => {
+            println!(
+                "               unproven claim until checked on chain: chain, transaction, block and status"
+            )
+        }
     }
 }
 
@@ -263,7 +275,10 @@ pub fn ledger(data_dir: &Path, key: Option<&Path>) -> ExitCode {
                 None => Ok(()),
             })
             .map_err(|e| fail(INVALID, e))?;
-        println!("valid: {} ledger entries, log size {}", check.entries, check.last_size);
+        println!(
+            "valid: {} ledger entries ({} with a signed head), log size {}",
+            check.entries, check.signed_heads, check.last_size
+        );
         if let Some(head) = check.head {
             println!("  head entry hash: {}", hex::encode(head));
         }

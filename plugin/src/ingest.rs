@@ -29,9 +29,8 @@ use crate::sealer::SealerMsg;
 use crate::source::{now_ms, Closed, Message, Outbox, Outcome, Responder, Sink};
 use crate::store::{Commit, Fault, RegistryChange, Rejection, Store, StoreError, StoredLeaf};
 use crate::topics::Topics;
-use ed25519_dalek::VerifyingKey;
 use notary_proof::envelope::{self, is_envelope, BATCH_SIZE};
-use notary_proof::{DeviceFields, Envelope, EnvelopeError, LeafRecord};
+use notary_proof::{DeviceFields, DeviceKey, Envelope, EnvelopeError, LeafRecord};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
@@ -301,7 +300,7 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(2);
 /// A message after its first look, before signatures are checked.
 enum Judged {
     Plain(Message),
-    Signed { msg: Message, env: Box<Envelope>, key: VerifyingKey, key_seq: u64 },
+    Signed { msg: Message, env: Box<Envelope>, key: DeviceKey, key_seq: u64 },
     Rejected(Rejection),
     Gap { missed: u64, at_ms: u64 },
     Outage { from_ms: u64, to_ms: u64 },
@@ -542,7 +541,7 @@ impl Ingest {
                 IngestItem::Barrier(_) => None,
             })
             .collect();
-        let signed: Vec<(&Envelope, &VerifyingKey)> = judged
+        let signed: Vec<(&Envelope, &DeviceKey)> = judged
             .iter()
             .filter_map(|(j, _)| match j {
                 Judged::Signed { env, key, .. } => Some((&**env, key)),
@@ -981,7 +980,7 @@ fn unstorable(leaf: &StoredLeaf, device: Option<String>, why: &dyn std::fmt::Dis
 
 /// Verifies envelopes on every core: in ed25519 batches, split across
 /// scoped threads when there are enough of them.
-fn verify_parallel(items: &[(&Envelope, &VerifyingKey)]) -> Vec<bool> {
+fn verify_parallel(items: &[(&Envelope, &DeviceKey)]) -> Vec<bool> {
     // Asked once: `available_parallelism` reads cgroup files on every call
     // (measured: a tenth of the judge's time with groups of ten).
     static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();

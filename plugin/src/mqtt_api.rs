@@ -25,12 +25,12 @@ use crate::metrics::Metrics;
 use crate::proofs::{ProofAnswer, ProofService};
 use crate::source::{Asker, Message, Outbox};
 use crate::topics::Topics;
+use notary_proof::request::ProofRequest;
 use serde_json::{json, Value};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 
-/// Larger requests are refused unparsed.
-pub const MAX_REQUEST_BYTES: usize = 4096;
+pub use notary_proof::request::{parse_digest, MAX_REQUEST_BYTES};
 const MAX_REPLY_TOPIC: usize = 256;
 /// Under the asker's inbox: where answers go when it names no topic.
 pub const DEFAULT_REPLY_LEVEL: &str = "proof";
@@ -82,19 +82,12 @@ pub fn answer(
         None => topics.errors().to_owned(),
     };
     let to_fallback = |v| (fallback.clone(), v);
-    if payload.len() > MAX_REQUEST_BYTES {
-        return to_fallback(error(
-            &Value::Null,
-            "bad_request",
-            format!("request larger than {MAX_REQUEST_BYTES} bytes"),
-        ));
-    }
-    let Ok(Value::Object(req)) = serde_json::from_slice::<Value>(payload) else {
-        return to_fallback(error(&Value::Null, "bad_request", "request is not a JSON object"));
+    let req = match ProofRequest::parse(payload) {
+        Ok(r) => r,
+        Err(e) => return to_fallback(error(&Value::Null, "bad_request", e.to_string())),
     };
-    let id = req.get("id").cloned().unwrap_or(Value::Null);
-    let reply_to = req.get("reply_to").and_then(Value::as_str);
-    let reply_to = match (asker, reply_to) {
+    let id = req.id;
+    let reply_to = match (asker, req.reply_to.as_deref()) {
         (Some(Asker { response_topic: Some(t), .. }), _) => t.clone(),
         (Some(a), Some(t)) if valid_reply_topic(t, &a.inbox) => t.to_owned(),
         (Some(a), Some(_)) => {
@@ -114,9 +107,9 @@ pub fn answer(
             ))
         }
     };
-    let digest = match req.get("digest").and_then(Value::as_str).and_then(parse_digest) {
-        Some(d) => d,
-        None => return (reply_to, error(&id, "bad_request", "digest must be 64 hex digits (BLAKE3-256)")),
+    let digest = match req.digest {
+        Ok(d) => d,
+        Err(e) => return (reply_to, error(&id, "bad_request", e.to_string())),
     };
     let mut body = match proofs.lookup(&digest) {
         Ok(ProofAnswer::Ready(bundles)) => json!({"id": id, "status": "ok", "bundles": bundles}),
@@ -139,12 +132,4 @@ fn valid_reply_topic(t: &str, prefix: &str) -> bool {
         && t.len() <= MAX_REPLY_TOPIC
         && t.starts_with(prefix)
         && !t.contains(['+', '#', '\0'])
-}
-
-/// Parses a BLAKE3-256 digest in hex (either case).
-pub fn parse_digest(s: &str) -> Option<[u8; 32]> {
-    let mut out = [0u8; 32];
-    (s.len() == 64).then_some(())?;
-    hex::decode_to_slice(s, &mut out).ok()?;
-    Some(out)
 }

@@ -9,8 +9,8 @@
 
 use crate::store::{DeviceCommand, Store, StoreError};
 use crate::topics::topic_matches;
-use ed25519_dalek::VerifyingKey;
 use notary_proof::device::{valid_device_id, NO_PREV};
+use notary_proof::DeviceKey;
 use notary_proof::{RegistryAction, RegistryEvent};
 use std::collections::HashMap;
 
@@ -41,11 +41,14 @@ impl DevicePolicy {
     }
 }
 
-/// A key fit to enrol: a valid ed25519 point of large order.
-pub fn parse_public_key(bytes: &[u8; 32]) -> Result<VerifyingKey, String> {
-    let key = VerifyingKey::from_bytes(bytes).map_err(|_| "not a valid ed25519 public key".to_owned())?;
-    if key.is_weak() {
-        return Err("a weak (small-order) ed25519 key".into());
+/// A key fit to enrol: the canonical encoding of an ed25519 point of
+/// prime order, as every honestly made key is.
+pub fn parse_public_key(bytes: &[u8; 32]) -> Result<DeviceKey, String> {
+    let key = DeviceKey::from_bytes(bytes).map_err(|_| "not a valid ed25519 public key".to_owned())?;
+    if !key.is_prime_order() {
+        return Err("not an ed25519 key of prime order (small order, a small-order component, \
+                    or a non-canonical encoding)"
+            .into());
     }
     Ok(key)
 }
@@ -53,7 +56,7 @@ pub fn parse_public_key(bytes: &[u8; 32]) -> Result<VerifyingKey, String> {
 #[derive(Debug, Clone)]
 pub(crate) struct DeviceState {
     /// The current key and the registry leaf that put it in place.
-    pub key: Option<(VerifyingKey, u64)>,
+    pub key: Option<(DeviceKey, u64)>,
     pub head_seq: u64,
     pub last_counter: Option<u64>,
 }
@@ -61,7 +64,7 @@ pub(crate) struct DeviceState {
 pub(crate) enum Lookup<'a> {
     Unknown,
     Revoked,
-    Active { key: &'a VerifyingKey, key_seq: u64, last_counter: Option<u64> },
+    Active { key: &'a DeviceKey, key_seq: u64, last_counter: Option<u64> },
 }
 
 #[derive(Debug, Default)]
@@ -75,7 +78,7 @@ impl Registry {
         for row in store.devices()? {
             let key = match (row.public_key, row.key_seq) {
                 (Some(k), Some(seq)) => Some((
-                    VerifyingKey::from_bytes(&k)
+                    DeviceKey::from_bytes(&k)
                         .map_err(|_| StoreError::Corrupt(format!("device {}: invalid key", row.id)))?,
                     seq,
                 )),
@@ -155,7 +158,7 @@ impl Registry {
     pub fn apply(&mut self, seq: u64, event: &RegistryEvent) {
         let key = match event.action {
             RegistryAction::Revoke => None,
-            _ => VerifyingKey::from_bytes(&event.public_key).ok().map(|k| (k, seq)),
+            _ => DeviceKey::from_bytes(&event.public_key).ok().map(|k| (k, seq)),
         };
         let d = self.devices.entry(event.device_id.clone()).or_insert(DeviceState {
             key: None,

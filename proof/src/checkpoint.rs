@@ -42,8 +42,9 @@ impl Checkpoint {
         format!("{}\n{}\n{}\n", self.origin, self.size, B64.encode(self.root))
     }
 
-    /// Parses a checkpoint body. Extension lines after the root are allowed
-    /// by the C2SP spec and ignored here.
+    /// Parses a checkpoint body: exactly origin, size and root. C2SP lets
+    /// a log add extension lines; this log defines none, so a body with
+    /// any is malformed.
     pub fn parse_body(body: &str) -> Result<Self, NoteError> {
         let mut lines =
             body.strip_suffix('\n').ok_or(NoteError::Malformed("body must end with a newline"))?.split('\n');
@@ -51,25 +52,32 @@ impl Checkpoint {
         if origin.is_empty() {
             return Err(NoteError::Malformed("empty origin"));
         }
-        let size_line = lines.next().ok_or(NoteError::Malformed("missing tree size"))?;
-        if size_line.is_empty()
-            || !size_line.bytes().all(|b| b.is_ascii_digit())
-            || (size_line.len() > 1 && size_line.starts_with('0'))
-        {
-            return Err(NoteError::Malformed("tree size is not a canonical decimal"));
-        }
-        let size = size_line.parse().map_err(|_| NoteError::Malformed("tree size out of range"))?;
-        let root_line = lines.next().ok_or(NoteError::Malformed("missing root hash"))?;
-        let root: Hash = B64
-            .decode(root_line)
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .ok_or(NoteError::Malformed("root hash is not 32 bytes of base64"))?;
-        if lines.any(|l| l.is_empty()) {
-            return Err(NoteError::Malformed("empty extension line"));
+        let size = canonical_u64(lines.next().ok_or(NoteError::Malformed("missing tree size"))?)?;
+        let root = base64_hash(lines.next().ok_or(NoteError::Malformed("missing root hash"))?)?;
+        if lines.next().is_some() {
+            return Err(NoteError::Malformed("extension lines after the root"));
         }
         Ok(Checkpoint { origin: origin.to_owned(), size, root })
     }
+}
+
+/// A size line: canonical decimal (no sign, no leading zero), within u64.
+pub(crate) fn canonical_u64(line: &str) -> Result<u64, NoteError> {
+    if line.is_empty()
+        || !line.bytes().all(|b| b.is_ascii_digit())
+        || (line.len() > 1 && line.starts_with('0'))
+    {
+        return Err(NoteError::Malformed("size is not a canonical decimal"));
+    }
+    line.parse().map_err(|_| NoteError::Malformed("size out of range"))
+}
+
+/// A hash line: standard, padded base64 of 32 bytes.
+pub(crate) fn base64_hash(line: &str) -> Result<Hash, NoteError> {
+    B64.decode(line)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or(NoteError::Malformed("hash is not 32 bytes of base64"))
 }
 
 fn valid_name(name: &str) -> bool {
@@ -87,6 +95,7 @@ fn key_id(name: &str, public: &VerifyingKey) -> [u8; 4] {
 }
 
 /// Signs checkpoint notes.
+#[derive(Clone)]
 pub struct NoteSigner {
     name: String,
     key: SigningKey,
@@ -206,13 +215,19 @@ impl NoteVerifier {
 
     /// Checks the note's signature by this key and returns the body.
     /// Signatures by other keys are ignored; if none is by this key, the
-    /// note fails with `UnknownKey`.
+    /// note fails with `UnknownKey`. Like Go's note package, it refuses
+    /// control characters other than newline and two signatures by the
+    /// same key (name and key id).
     pub fn verify<'a>(&self, note: &'a str) -> Result<&'a str, NoteError> {
+        if note.chars().any(|c| c.is_control() && c != '\n') {
+            return Err(NoteError::Malformed("control character in the note"));
+        }
         let split = note.rfind("\n\n").ok_or(NoteError::Malformed("no blank line before the signatures"))?;
         let body = &note[..split + 1];
         let sigs = &note[split + 2..];
         let sigs =
             sigs.strip_suffix('\n').ok_or(NoteError::Malformed("signature block must end with a newline"))?;
+        let mut seen: Vec<(&str, [u8; 4])> = Vec::new();
         let mut found = false;
         for line in sigs.split('\n') {
             let rest = line
@@ -222,7 +237,15 @@ impl NoteVerifier {
                 .split_once(' ')
                 .ok_or(NoteError::Malformed("signature line must be name and signature"))?;
             let blob = B64.decode(b64).map_err(|_| NoteError::Malformed("signature is not base64"))?;
-            if name != self.name || blob.len() < 4 || blob[..4] != self.id {
+            let id: [u8; 4] = blob
+                .get(..4)
+                .and_then(|id| id.try_into().ok())
+                .ok_or(NoteError::Malformed("signature shorter than its key id"))?;
+            if seen.contains(&(name, id)) {
+                return Err(NoteError::Malformed("two signatures by the same key"));
+            }
+            seen.push((name, id));
+            if name != self.name || id != self.id {
                 continue;
             }
             found = true;
@@ -297,6 +320,29 @@ mod tests {
         let note = signer().sign(&cp.body());
         let other = NoteSigner::new("example.com/log", [8; 32]).expect("valid").verifier();
         assert_eq!(other.verify_checkpoint(&note), Err(NoteError::UnknownKey));
+    }
+
+    #[test]
+    fn refuses_what_gos_note_package_refuses() {
+        let s = signer();
+        let cp = Checkpoint { origin: "example.com/log".into(), size: 12, root: [3; 32] };
+        let note = s.sign(&cp.body());
+        let v = s.verifier();
+        let (body, sig_line) = note.split_once("\n\n").expect("signed note");
+        // The same signature line twice.
+        let twice = format!("{body}\n\n{sig_line}{sig_line}");
+        assert_eq!(v.verify_checkpoint(&twice), Err(NoteError::Malformed("two signatures by the same key")));
+        // An extension line, signed: the signature holds, the body does not.
+        let extended = s.sign(&format!("{}extra\n", cp.body()));
+        assert_eq!(
+            v.verify_checkpoint(&extended),
+            Err(NoteError::Malformed("extension lines after the root"))
+        );
+        // A control character anywhere, even where a signature covers it.
+        let tab = s.sign("example.com/log\n12\n\tAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwM=\n");
+        assert_eq!(v.verify_checkpoint(&tab), Err(NoteError::Malformed("control character in the note")));
+        let cr = note.replace("\n\n", "\r\n\n");
+        assert_eq!(v.verify_checkpoint(&cr), Err(NoteError::Malformed("control character in the note")));
     }
 
     #[test]

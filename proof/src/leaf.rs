@@ -243,15 +243,27 @@ impl LeafRecord {
             }
             Assurance::Registry => {
                 RegistryEvent::decode(&leaf.extension)?;
-                if leaf.topic != REGISTRY_TOPIC
-                    || leaf.payload_len != leaf.extension.len() as u64
-                    || !crate::hash::hash_eq(blake3::hash(&leaf.extension).as_bytes(), &leaf.payload_digest)
-                {
-                    return Err(FormatError("registry leaf whose payload is not its event"));
-                }
             }
         }
         Ok(leaf)
+    }
+
+    /// The registry rule a verifier checks in its own step
+    /// (docs/PROTOCOL.md §Verification, `bad-registry-leaf`): a registry
+    /// leaf's topic is `notary/registry` and its payload is its event.
+    pub fn check_registry(&self) -> Result<(), FormatError> {
+        if self.assurance != Assurance::Registry {
+            return Ok(());
+        }
+        if self.topic != REGISTRY_TOPIC {
+            return Err(FormatError("a registry leaf's topic is notary/registry"));
+        }
+        if self.payload_len != self.extension.len() as u64
+            || !crate::hash::hash_eq(blake3::hash(&self.extension).as_bytes(), &self.payload_digest)
+        {
+            return Err(FormatError("a registry leaf's payload is its event"));
+        }
+        Ok(())
     }
 
     /// The publisher rules of the format: a client-authenticated leaf names

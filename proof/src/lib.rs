@@ -8,6 +8,7 @@
 
 pub mod batch;
 pub mod bundle;
+mod cbor;
 pub mod checkpoint;
 mod codec;
 pub mod device;
@@ -15,6 +16,7 @@ pub mod envelope;
 pub mod hash;
 pub mod leaf;
 pub mod receipt;
+pub mod request;
 pub mod tree;
 pub mod verify;
 
@@ -22,7 +24,7 @@ pub use batch::{BatchRecord, BatchTree};
 pub use bundle::{KeyEvidence, LaterAnchor, LeafProof, ProofBundle, BUNDLE_FORMAT};
 pub use checkpoint::{Checkpoint, NoteError, NoteSigner, NoteVerifier};
 pub use device::{DeviceFields, RegistryAction, RegistryEvent};
-pub use envelope::{Envelope, EnvelopeError};
+pub use envelope::{DeviceKey, Envelope, EnvelopeError};
 pub use hash::Hash;
 pub use leaf::{Assurance, LeafRecord, Publisher};
 pub use receipt::{EvmStatus, LocalEntry, Receipt};

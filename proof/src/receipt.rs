@@ -13,11 +13,71 @@
 //! u64  anchored_at_ms   ledger clock, Unix milliseconds
 //! entry hash = SHA-256(encoding)
 //! ```
+//!
+//! The broker signs each entry it appends as a ledger head, a signed note
+//! with the checkpoint key (docs/PROTOCOL.md §Local ledger):
+//!
+//! ```text
+//! <origin>                        the key name, as in checkpoints
+//! mqtt-notary/local-ledger/v1     tells it apart from a checkpoint
+//! <size>                          entries in the chain: index + 1
+//! <base64 entry hash>             the newest entry's hash
+//! ```
 
+use crate::checkpoint::{base64_hash, canonical_u64, NoteError, NoteVerifier};
 use crate::hash::{hash_eq, sha256, Hash};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 pub const LOCAL_ENTRY_VERSION: u8 = 1;
+
+/// The second line of a signed ledger head. A checkpoint's second line is
+/// a number, so neither note can pass for the other.
+pub const LEDGER_HEAD_TYPE: &str = "mqtt-notary/local-ledger/v1";
+
+/// The head of the local ledger: how many entries it holds and the newest
+/// entry's hash. Signed, it proves every field of that entry, and through
+/// the `prev_hash` links every earlier one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerHead {
+    pub origin: String,
+    pub size: u64,
+    pub head: Hash,
+}
+
+impl LedgerHead {
+    pub fn body(&self) -> String {
+        format!("{}\n{LEDGER_HEAD_TYPE}\n{}\n{}\n", self.origin, self.size, B64.encode(self.head))
+    }
+
+    pub fn parse_body(body: &str) -> Result<Self, NoteError> {
+        let lines: Vec<&str> = body
+            .strip_suffix('\n')
+            .ok_or(NoteError::Malformed("body must end with a newline"))?
+            .split('\n')
+            .collect();
+        let [origin, kind, size, head] = lines[..] else {
+            return Err(NoteError::Malformed("a ledger head has exactly four lines"));
+        };
+        if origin.is_empty() || kind != LEDGER_HEAD_TYPE {
+            return Err(NoteError::Malformed("not a local ledger head"));
+        }
+        Ok(LedgerHead { origin: origin.to_owned(), size: canonical_u64(size)?, head: base64_hash(head)? })
+    }
+}
+
+impl NoteVerifier {
+    /// Verifies a signed ledger head and parses it. Its origin must be the
+    /// key's name, as a checkpoint's must.
+    pub fn verify_ledger_head(&self, note: &str) -> Result<LedgerHead, NoteError> {
+        let head = LedgerHead::parse_body(self.verify(note)?)?;
+        if head.origin != self.name() {
+            return Err(NoteError::UnknownKey);
+        }
+        Ok(head)
+    }
+}
 
 /// One entry of the local ledger's hash chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +118,12 @@ pub enum Receipt {
         anchored_at_ms: u64,
         #[serde(with = "hex32")]
         entry_hash: Hash,
+        /// The ledger head the broker signed when it appended this entry
+        /// (size `index + 1`, hash `entry_hash`). Receipts of releases
+        /// before it was added lack it; their index and time are then the
+        /// broker's unsigned claim.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        head: Option<String>,
     },
     /// A transaction on an EVM chain whose calldata is
     /// [`evm_calldata`]`(checkpoint_hash)`. Offline, only the binding to
@@ -117,31 +183,58 @@ pub fn evm_calldata(checkpoint_hash: &Hash) -> [u8; 36] {
 }
 
 /// Why a receipt does not bind the checkpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReceiptProblem {
     CheckpointHash,
     EntryHash,
+    /// Index 0 with a non-zero previous hash, or a later index with zero.
+    FirstEntry,
+    /// The signed ledger head does not verify with the broker key.
+    Head(NoteError),
+    /// The signed ledger head is not this entry's.
+    HeadMismatch,
+}
+
+impl std::fmt::Display for ReceiptProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReceiptProblem::CheckpointHash => f.write_str("it names a different checkpoint"),
+            ReceiptProblem::EntryHash => f.write_str("its entry hash is not the hash of its fields"),
+            ReceiptProblem::FirstEntry => {
+                f.write_str("only entry 0 has an all-zero previous hash, and entry 0 must have it")
+            }
+            ReceiptProblem::Head(e) => write!(f, "its signed ledger head does not verify: {e}"),
+            ReceiptProblem::HeadMismatch => f.write_str("its signed ledger head names another entry"),
+        }
+    }
 }
 
 impl Receipt {
-    /// A local receipt for a ledger entry.
-    pub fn local(entry: &LocalEntry) -> Self {
+    /// A local receipt for a ledger entry, with the signed ledger head
+    /// written when it was appended.
+    pub fn local(entry: &LocalEntry, head: Option<String>) -> Self {
         Receipt::Local {
             index: entry.index,
             prev_hash: entry.prev_hash,
             checkpoint_hash: entry.checkpoint_hash,
             anchored_at_ms: entry.anchored_at_ms,
             entry_hash: entry.hash(),
+            head,
         }
     }
 
-    /// Checks, offline, that the receipt names this exact checkpoint note
-    /// and that its entry hash is the hash of its fields.
-    pub fn check(&self, checkpoint_note: &str) -> Result<(), ReceiptProblem> {
+    /// Checks, offline, that the receipt names this exact checkpoint note,
+    /// that its entry hash is the hash of its fields, and, for a local
+    /// receipt with a signed ledger head, that the broker key signed a
+    /// head at this entry.
+    pub fn check(&self, checkpoint_note: &str, broker_key: &NoteVerifier) -> Result<(), ReceiptProblem> {
         match self {
-            Receipt::Local { index, prev_hash, checkpoint_hash, anchored_at_ms, entry_hash } => {
+            Receipt::Local { index, prev_hash, checkpoint_hash, anchored_at_ms, entry_hash, head } => {
                 if !hash_eq(checkpoint_hash, &sha256(checkpoint_note.as_bytes())) {
                     return Err(ReceiptProblem::CheckpointHash);
+                }
+                if (*index == 0) != (*prev_hash == [0u8; 32]) {
+                    return Err(ReceiptProblem::FirstEntry);
                 }
                 let entry = LocalEntry {
                     index: *index,
@@ -151,6 +244,12 @@ impl Receipt {
                 };
                 if !hash_eq(&entry.hash(), entry_hash) {
                     return Err(ReceiptProblem::EntryHash);
+                }
+                if let Some(note) = head {
+                    let head = broker_key.verify_ledger_head(note).map_err(ReceiptProblem::Head)?;
+                    if head.size != index.saturating_add(1) || !hash_eq(&head.head, entry_hash) {
+                        return Err(ReceiptProblem::HeadMismatch);
+                    }
                 }
                 Ok(())
             }
@@ -171,6 +270,13 @@ impl Receipt {
         }
     }
 
+    /// Whether every field `describe` prints is covered by a signature the
+    /// check verified: a local receipt with its signed head. An EVM
+    /// receipt's block and transaction are proven only on chain.
+    pub fn is_signed(&self) -> bool {
+        matches!(self, Receipt::Local { head: Some(_), .. })
+    }
+
     /// A one-line human description.
     pub fn describe(&self) -> String {
         match self {
@@ -187,6 +293,15 @@ impl Receipt {
     }
 }
 
+/// Hex as this crate writes it: lower-case digits only, so that each byte
+/// string has one spelling (EIP-55 mixed-case addresses are refused).
+pub(crate) fn lower_hex(digits: &str, out: &mut [u8]) -> Result<(), ()> {
+    if !digits.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return Err(());
+    }
+    hex::decode_to_slice(digits, out).map_err(|_| ())
+}
+
 /// `0x`-prefixed hex of a fixed-size byte string, as EVM tools write it.
 pub(crate) mod hex0x {
     use serde::{Deserialize, Deserializer, Serializer};
@@ -200,8 +315,9 @@ pub(crate) mod hex0x {
         let digits =
             s.strip_prefix("0x").ok_or_else(|| serde::de::Error::custom("expected 0x-prefixed hex"))?;
         let mut out = [0u8; N];
-        hex::decode_to_slice(digits, &mut out)
-            .map_err(|_| serde::de::Error::custom(format!("expected 0x and {} hex digits", 2 * N)))?;
+        super::lower_hex(digits, &mut out).map_err(|_| {
+            serde::de::Error::custom(format!("expected 0x and {} lower-case hex digits", 2 * N))
+        })?;
         Ok(out)
     }
 }
@@ -216,7 +332,8 @@ pub(crate) mod hex32 {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
         let s = String::deserialize(d)?;
         let mut out = [0u8; 32];
-        hex::decode_to_slice(&s, &mut out).map_err(|_| serde::de::Error::custom("expected 64 hex digits"))?;
+        super::lower_hex(&s, &mut out)
+            .map_err(|_| serde::de::Error::custom("expected 64 lower-case hex digits"))?;
         Ok(out)
     }
 }

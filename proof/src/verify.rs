@@ -1,11 +1,13 @@
 //! Offline verification of a proof bundle. Every part is checked and any
 //! failure is fatal: there is no "partially valid".
 //!
-//! Order: parse → checkpoint signature → receipts → later anchors (their
-//! signatures, consistency with the checkpoint, their receipts) → batch in
-//! log → leaf in batch → payload digest → for device-signed leaves: key
-//! evidence, then envelope and device signature. The first failing check
-//! names the error.
+//! Order (docs/PROTOCOL.md §Verification): parse, decode and the bundle's
+//! structural rules → checkpoint signature → receipts and their signed
+//! ledger heads → later anchors (their signatures, consistency with the
+//! checkpoint, their receipts) → batch in log → leaf in batch → payload
+//! digest → for device-signed leaves: key evidence, then envelope and
+//! device signature; for registry leaves: the registry rule. The first
+//! failing check names the error.
 
 use crate::batch::BatchRecord;
 use crate::bundle::{KeyEvidence, LaterAnchor, LeafProof, ProofBundle, BUNDLE_FORMAT};
@@ -13,7 +15,7 @@ use crate::checkpoint::{Checkpoint, NoteError, NoteVerifier};
 use crate::device::{RegistryAction, RegistryEvent};
 use crate::envelope::Envelope;
 use crate::leaf::{Assurance, LeafRecord};
-use crate::receipt::{Receipt, ReceiptProblem};
+use crate::receipt::Receipt;
 use crate::tree::{verify_consistency, verify_inclusion, ProofError};
 
 /// Which Merkle tree a path belongs to.
@@ -44,7 +46,7 @@ pub enum VerifyError {
     #[error("the checkpoint signature does not verify")]
     BadCheckpointSignature,
     #[error("anchor receipt does not match the checkpoint: {0}")]
-    ReceiptMismatch(&'static str),
+    ReceiptMismatch(String),
     #[error("the {0} inclusion path does not fit the tree's size and index")]
     BadPath(Tree),
     #[error("the {0} inclusion path leads to a different root")]
@@ -59,6 +61,8 @@ pub enum VerifyError {
     BadDeviceSignature,
     #[error("a later anchored checkpoint is not consistent with the bundle's: {0}")]
     BadConsistency(String),
+    #[error("the registry leaf is not a registry change: {0}")]
+    BadRegistryLeaf(&'static str),
 }
 
 impl VerifyError {
@@ -76,6 +80,7 @@ impl VerifyError {
             VerifyError::BadEnvelope(_) => "bad-envelope",
             VerifyError::BadDeviceSignature => "bad-device-signature",
             VerifyError::BadConsistency(_) => "bad-consistency",
+            VerifyError::BadRegistryLeaf(_) => "bad-registry-leaf",
         }
     }
 }
@@ -135,12 +140,19 @@ pub fn verify_bundle(
     payload: &[u8],
     broker_key: &NoteVerifier,
 ) -> Result<Verified, VerifyError> {
+    // Step 1: what parsing leaves to check.
     if bundle.format != BUNDLE_FORMAT {
         return Err(VerifyError::Malformed(format!(
             "unsupported format {:?}, expected {BUNDLE_FORMAT:?}",
             bundle.format
         )));
     }
+    let (leaf, batch) = decode(&bundle.leaf_proof())?;
+    if bundle.device_key.is_some() && leaf.assurance != Assurance::DeviceSigned {
+        return Err(VerifyError::Malformed("key evidence for a leaf that is not device-signed".into()));
+    }
+    check_ledgers(bundle)?;
+
     let checkpoint = broker_key.verify_checkpoint(&bundle.checkpoint).map_err(|e| match e {
         NoteError::Malformed(m) => VerifyError::Malformed(format!("checkpoint: {m}")),
         NoteError::UnknownKey => VerifyError::UnknownKey,
@@ -148,16 +160,16 @@ pub fn verify_bundle(
     })?;
 
     if bundle.receipts.is_empty() {
-        return Err(VerifyError::ReceiptMismatch("the bundle carries no anchor receipt"));
+        return Err(VerifyError::ReceiptMismatch("the bundle carries no anchor receipt".into()));
     }
-    check_receipts(&bundle.receipts, &bundle.checkpoint)?;
+    check_receipts(&bundle.receipts, &bundle.checkpoint, broker_key)?;
     let later = bundle
         .later_anchors
         .iter()
         .map(|a| verify_later(a, &checkpoint, broker_key))
         .collect::<Result<Vec<_>, _>>()?;
 
-    let (leaf, batch) = prove_leaf(&bundle.leaf_proof(), &checkpoint)?;
+    prove_decoded(&bundle.leaf_proof(), &leaf, &batch, &checkpoint)?;
 
     if leaf.payload_len != payload.len() as u64
         || !crate::hash::hash_eq(blake3::hash(payload).as_bytes(), &leaf.payload_digest)
@@ -172,11 +184,9 @@ pub fn verify_bundle(
         (Assurance::DeviceSigned, None) => {
             return Err(VerifyError::BadKeyEvidence("a device-signed leaf needs key evidence".into()))
         }
-        (_, Some(_)) => {
-            return Err(VerifyError::Malformed("key evidence for a leaf that is not device-signed".into()))
-        }
-        (_, None) => None,
+        _ => None,
     };
+    leaf.check_registry().map_err(|e| VerifyError::BadRegistryLeaf(e.0))?;
 
     Ok(Verified {
         leaf,
@@ -189,15 +199,30 @@ pub fn verify_bundle(
     })
 }
 
-/// Each receipt must name exactly this checkpoint note.
-fn check_receipts(receipts: &[Receipt], note: &str) -> Result<(), VerifyError> {
+/// One receipt per ledger in the whole bundle, and `pending_ledgers` naming
+/// each ledger at most once and none that has a receipt.
+fn check_ledgers(bundle: &ProofBundle) -> Result<(), VerifyError> {
+    let mut seen: Vec<&str> = Vec::new();
+    let anchored = bundle.receipts.iter().chain(bundle.later_anchors.iter().flat_map(|a| &a.receipts));
+    let pending = bundle.pending_ledgers.iter().map(String::as_str);
+    for ledger in anchored.map(|r| -> &str { r.ledger() }).chain(pending) {
+        if seen.contains(&ledger) {
+            return Err(VerifyError::Malformed(format!(
+                "ledger {ledger:?} has two receipts, or a receipt and a pending entry"
+            )));
+        }
+        seen.push(ledger);
+    }
+    Ok(())
+}
+
+/// Each receipt must name exactly this checkpoint note, and a signed
+/// ledger head must be the broker's.
+fn check_receipts(receipts: &[Receipt], note: &str, broker_key: &NoteVerifier) -> Result<(), VerifyError> {
     for receipt in receipts {
-        receipt.check(note).map_err(|p| {
-            VerifyError::ReceiptMismatch(match p {
-                ReceiptProblem::CheckpointHash => "it names a different checkpoint",
-                ReceiptProblem::EntryHash => "its entry hash is not the hash of its fields",
-            })
-        })?;
+        receipt
+            .check(note, broker_key)
+            .map_err(|p| VerifyError::ReceiptMismatch(format!("{} receipt: {p}", receipt.ledger())))?;
     }
     Ok(())
 }
@@ -232,17 +257,34 @@ fn verify_later(
         },
     )?;
     if a.receipts.is_empty() {
-        return Err(VerifyError::ReceiptMismatch("a later checkpoint carries no anchor receipt"));
+        return Err(VerifyError::ReceiptMismatch("a later checkpoint carries no anchor receipt".into()));
     }
-    check_receipts(&a.receipts, &a.checkpoint)?;
+    check_receipts(&a.receipts, &a.checkpoint, broker_key)?;
     Ok((later, a.receipts.clone()))
+}
+
+/// Decodes a leaf proof's leaf and batch records (step 1).
+fn decode(p: &LeafProof) -> Result<(LeafRecord, BatchRecord), VerifyError> {
+    let malformed = |what: &str, e: crate::FormatError| VerifyError::Malformed(format!("{what}: {e}"));
+    let leaf = LeafRecord::decode(&p.leaf).map_err(|e| malformed("leaf record", e))?;
+    let batch = BatchRecord::decode(&p.batch).map_err(|e| malformed("batch record", e))?;
+    Ok((leaf, batch))
 }
 
 /// Checks that one leaf is in its batch and its batch in the checkpoint's log.
 fn prove_leaf(p: &LeafProof, checkpoint: &Checkpoint) -> Result<(LeafRecord, BatchRecord), VerifyError> {
-    let malformed = |what: &str, e: crate::FormatError| VerifyError::Malformed(format!("{what}: {e}"));
-    let leaf = LeafRecord::decode(&p.leaf).map_err(|e| malformed("leaf record", e))?;
-    let batch = BatchRecord::decode(&p.batch).map_err(|e| malformed("batch record", e))?;
+    let (leaf, batch) = decode(p)?;
+    prove_decoded(p, &leaf, &batch, checkpoint)?;
+    Ok((leaf, batch))
+}
+
+/// Steps 4 and 5 for a leaf proof whose records are decoded.
+fn prove_decoded(
+    p: &LeafProof,
+    leaf: &LeafRecord,
+    batch: &BatchRecord,
+    checkpoint: &Checkpoint,
+) -> Result<(), VerifyError> {
     let path_err = |tree| {
         move |e| match e {
             ProofError::BadShape => VerifyError::BadPath(tree),
@@ -251,13 +293,12 @@ fn prove_leaf(p: &LeafProof, checkpoint: &Checkpoint) -> Result<(LeafRecord, Bat
     };
     verify_inclusion(batch.number, checkpoint.size, &batch.leaf_hash(), &p.log_path, &checkpoint.root)
         .map_err(path_err(Tree::Log))?;
-    if p.leaf_index >= batch.size || leaf.seq != batch.first_seq + p.leaf_index {
+    if p.leaf_index >= batch.size || batch.first_seq.checked_add(p.leaf_index) != Some(leaf.seq) {
         return Err(VerifyError::BadPath(Tree::Batch));
     }
     let leaf_hash = crate::hash::leaf_hash(&p.leaf);
     verify_inclusion(p.leaf_index, batch.size, &leaf_hash, &p.batch_path, &batch.root)
-        .map_err(path_err(Tree::Batch))?;
-    Ok((leaf, batch))
+        .map_err(path_err(Tree::Batch))
 }
 
 /// A registry leaf of `device_id`, proven into the checkpoint.
@@ -270,6 +311,7 @@ fn registry_leaf(
     let event = leaf
         .registry_event()
         .ok_or_else(|| VerifyError::BadKeyEvidence("evidence leaf is not a registry event".into()))?;
+    leaf.check_registry().map_err(|e| VerifyError::BadKeyEvidence(e.to_string()))?;
     if event.device_id != device_id {
         return Err(VerifyError::BadKeyEvidence(format!("evidence is about device {:?}", event.device_id)));
     }

@@ -10,6 +10,7 @@
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
+use notary_proof::receipt::LedgerHead;
 use notary_proof::tree::{consistency_proof, inclusion_proof, root, MemoryTree};
 use notary_proof::{
     verify_bundle_json, BatchRecord, BatchTree, Checkpoint, LaterAnchor, LeafRecord, LocalEntry, NoteSigner,
@@ -27,6 +28,12 @@ fn vectors_path() -> PathBuf {
 
 fn signer() -> NoteSigner {
     NoteSigner::new(ORIGIN, [0x42; 32]).expect("valid origin")
+}
+
+/// A local receipt as the broker writes it: with the ledger head it signed.
+fn local_receipt(entry: &LocalEntry) -> Receipt {
+    let head = LedgerHead { origin: ORIGIN.into(), size: entry.index + 1, head: entry.hash() };
+    Receipt::local(entry, Some(signer().sign(&head.body())))
 }
 
 fn payload(seq: u64) -> Vec<u8> {
@@ -92,7 +99,7 @@ fn build_log() -> (Vec<Case>, Vec<String>, MemoryTree) {
                 batch: batch.encode(),
                 log_path: inclusion_proof(&mut log, number, cp_size).expect("path"),
                 checkpoint: note.clone(),
-                receipts: vec![Receipt::local(&entry)],
+                receipts: vec![local_receipt(&entry)],
                 later_anchors: Vec::new(),
                 pending_ledgers: Vec::new(),
                 device_key: None,
@@ -144,7 +151,52 @@ fn later_anchor_cases() -> Vec<Value> {
     let mut add = |name: &str, expect: &str, json: String| out.push(case(name, expect, &payload, json));
     add("later-anchor-valid", "valid", with(&|_| {}));
     add("later-anchor-to-size-3-valid", "valid", with(&|b| b.later_anchors = vec![later(3)]));
-    add("pending-ledger-valid", "valid", with(&|b| b.pending_ledgers = vec!["evm".into()]));
+    add(
+        "pending-ledger-valid",
+        "valid",
+        with(&|b| {
+            b.later_anchors.clear();
+            b.pending_ledgers = vec!["evm".into()];
+        }),
+    );
+    add("pending-ledger-also-anchored-later", "malformed", with(&|b| b.pending_ledgers = vec!["evm".into()]));
+    add(
+        "pending-ledger-named-twice",
+        "malformed",
+        with(&|b| {
+            b.later_anchors.clear();
+            b.pending_ledgers = vec!["evm".into(), "evm".into()];
+        }),
+    );
+    add(
+        "pending-ledger-local-has-a-receipt",
+        "malformed",
+        with(&|b| {
+            b.later_anchors.clear();
+            b.pending_ledgers = vec!["local".into()];
+        }),
+    );
+    add(
+        "two-evm-receipts",
+        "malformed",
+        with(&|b| {
+            let r = b.later_anchors[0].receipts[0].clone();
+            b.later_anchors[0].receipts.push(r);
+        }),
+    );
+    add(
+        "evm-address-mixed-case",
+        "malformed",
+        with(&|_| {}).replace(
+            "0x1111111111111111111111111111111111111111",
+            "0x111111111111111111111111111111111111111A",
+        ),
+    );
+    add(
+        "evm-tx-hash-upper-case",
+        "malformed",
+        with(&|_| {}).replace(&hex::encode([0xab; 32]), &hex::encode_upper([0xab; 32])),
+    );
     add(
         "own-evm-receipt-valid",
         "valid",
@@ -322,12 +374,25 @@ fn build_device_log() -> DeviceLog {
             let (leaf, env) = signed(11, 4, 6, device_envelope(2, 6, b"{\"kwh\":6}"));
             (leaf.published_by(who("dev-1", Some("plant-a"))), env)
         },
+        // A fifth batch from a lying broker: registry leaves that break
+        // the registry rule (topic, payload = event).
+        {
+            let (mut leaf, event) = registry(12, event(RegistryAction::Enrol, Some(3), 8));
+            leaf.topic = "meters/dev-1".into();
+            (leaf, event)
+        },
+        {
+            let (mut leaf, _) = registry(13, event(RegistryAction::Enrol, Some(3), 8));
+            leaf.payload_len = 5;
+            leaf.payload_digest = *blake3::hash(b"other").as_bytes();
+            (leaf, b"other".to_vec())
+        },
     ];
     let mut log = MemoryTree::new();
     let mut batches = Vec::new();
     let mut notes = Vec::new();
     let mut prev_entry = [0u8; 32];
-    for (number, range) in [0..2usize, 2..8, 8..9, 9..12].into_iter().enumerate() {
+    for (number, range) in [0..2usize, 2..8, 8..9, 9..12, 12..14].into_iter().enumerate() {
         let number = number as u64;
         let hashes: Vec<_> =
             leaves[range.clone()].iter().map(|(l, _)| l.leaf_hash().expect("encodes")).collect();
@@ -347,7 +412,7 @@ fn build_device_log() -> DeviceLog {
         };
         let note = signer.sign(&cp.body());
         let entry = LocalEntry {
-            index: 100 + number,
+            index: number,
             prev_hash: prev_entry,
             checkpoint_hash: notary_proof::hash::sha256(note.as_bytes()),
             anchored_at_ms: batch.sealed_at_ms + 5,
@@ -398,7 +463,7 @@ impl DeviceLog {
             batch: p.batch,
             log_path: p.log_path,
             checkpoint: note.clone(),
-            receipts: vec![Receipt::local(entry)],
+            receipts: vec![local_receipt(entry)],
             later_anchors: Vec::new(),
             pending_ledgers: Vec::new(),
             device_key,
@@ -462,6 +527,9 @@ fn device_cases() -> Vec<Value> {
     let (payload, mut b) = log.bundle(9, None);
     b.leaf[0] = 1; // version 1 bytes cannot hold the publisher
     add("publisher-leaf-version-1", "malformed", (payload, b));
+
+    add("registry-leaf-on-another-topic", "bad-registry-leaf", log.bundle(12, None));
+    add("registry-leaf-payload-not-its-event", "bad-registry-leaf", log.bundle(13, None));
     out
 }
 
@@ -675,6 +743,143 @@ fn generate() -> Value {
     );
     add("receipts-empty", "receipt-mismatch", &payload, m(&|b| b.receipts.clear()));
 
+    // The signed ledger head fixes every field of a local receipt.
+    let entry_of = |b: &ProofBundle| match &b.receipts[0] {
+        Receipt::Local { index, prev_hash, checkpoint_hash, anchored_at_ms, .. } => LocalEntry {
+            index: *index,
+            prev_hash: *prev_hash,
+            checkpoint_hash: *checkpoint_hash,
+            anchored_at_ms: *anchored_at_ms,
+        },
+        Receipt::Evm { .. } => panic!("a local receipt"),
+    };
+    let head_of = |b: &ProofBundle| match &b.receipts[0] {
+        Receipt::Local { head, .. } => head.clone(),
+        Receipt::Evm { .. } => None,
+    };
+    add(
+        "receipt-redated-reindexed-and-rehashed",
+        "receipt-mismatch",
+        &payload,
+        m(&|b| {
+            let entry = LocalEntry { index: 999_999, anchored_at_ms: 4_102_444_800_000, ..entry_of(b) };
+            b.receipts[0] = Receipt::local(&entry, head_of(b));
+        }),
+    );
+    add(
+        "receipt-head-signed-by-other-key",
+        "receipt-mismatch",
+        &payload,
+        m(&|b| {
+            let entry = entry_of(b);
+            let head = LedgerHead { origin: ORIGIN.into(), size: entry.index + 1, head: entry.hash() };
+            let other = NoteSigner::new(ORIGIN, [0x43; 32]).expect("valid");
+            b.receipts[0] = Receipt::local(&entry, Some(other.sign(&head.body())));
+        }),
+    );
+    add(
+        "receipt-head-one-entry-later",
+        "receipt-mismatch",
+        &payload,
+        m(&|b| {
+            let entry = entry_of(b);
+            let head = LedgerHead { origin: ORIGIN.into(), size: entry.index + 2, head: entry.hash() };
+            b.receipts[0] = Receipt::local(&entry, Some(signer().sign(&head.body())));
+        }),
+    );
+    add(
+        "receipt-head-is-a-checkpoint",
+        "receipt-mismatch",
+        &payload,
+        m(&|b| {
+            let note = b.checkpoint.clone();
+            b.receipts[0] = Receipt::local(&entry_of(b), Some(note));
+        }),
+    );
+    add(
+        "receipt-without-signed-head-valid",
+        "valid",
+        &payload,
+        m(&|b| b.receipts[0] = Receipt::local(&entry_of(b), None)),
+    );
+    add(
+        "receipt-later-entry-with-zero-previous-hash",
+        "receipt-mismatch",
+        &payload,
+        m(&|b| b.receipts[0] = local_receipt(&LocalEntry { prev_hash: [0; 32], ..entry_of(b) })),
+    );
+    add(
+        "receipt-entry-0-with-a-previous-hash",
+        "receipt-mismatch",
+        &payload,
+        m(&|b| b.receipts[0] = local_receipt(&LocalEntry { index: 0, ..entry_of(b) })),
+    );
+    add(
+        "receipts-two-local",
+        "malformed",
+        &payload,
+        m(&|b| {
+            let r = b.receipts[0].clone();
+            b.receipts.push(r);
+        }),
+    );
+    let Receipt::Local { entry_hash, .. } = &base.receipts[0] else { panic!("a local receipt") };
+    add(
+        "receipt-hash-upper-case",
+        "malformed",
+        &payload,
+        to_json(&base).replace(&hex::encode(entry_hash), &hex::encode_upper(entry_hash)),
+    );
+    // JSON: one value per key.
+    let json = to_json(&base);
+    add(
+        "duplicate-key-leaf-index",
+        "malformed",
+        &payload,
+        json.replacen(
+            "\"leaf_index\":",
+            &format!("\"leaf_index\":{},\"leaf_index\":", base.leaf_index + 1),
+            1,
+        ),
+    );
+    add(
+        "duplicate-key-in-receipt",
+        "malformed",
+        &payload,
+        json.replacen("\"anchored_at_ms\":", "\"anchored_at_ms\":1,\"anchored_at_ms\":", 1),
+    );
+    add(
+        "duplicate-key-receipt-type",
+        "malformed",
+        &payload,
+        json.replacen("\"type\":", "\"type\":\"evm\",\"type\":", 1),
+    );
+    // The checkpoint note, read as Go's note package reads it.
+    add(
+        "checkpoint-extension-line",
+        "malformed",
+        &payload,
+        m(&|b| b.checkpoint = signer().sign(&format!("{}extension\n", body_of(&b.checkpoint)))),
+    );
+    add(
+        "checkpoint-signature-line-repeated",
+        "malformed",
+        &payload,
+        m(&|b| {
+            let line = b.checkpoint.rsplit_once("\n\n").expect("signed").1.to_owned();
+            b.checkpoint.push_str(&line);
+        }),
+    );
+    add(
+        "checkpoint-control-character",
+        "malformed",
+        &payload,
+        m(&|b| {
+            let other = NoteSigner::new("other\u{1}log", [0x44; 32]).expect("a name without + or spaces");
+            let line = other.sign(body_of(&b.checkpoint)).rsplit_once("\n\n").expect("signed").1.to_owned();
+            b.checkpoint.push_str(&line);
+        }),
+    );
     add("format-v2", "malformed", &payload, m(&|b| b.format = "mqtt-notary/bundle/v2".into()));
     add("trailing-garbage", "malformed", &payload, to_json(&base) + "x");
     add(
@@ -754,7 +959,9 @@ fn every_vector_verifies_as_expected() {
                 Ok(_) => "valid",
                 Err(e) => e.code(),
             };
-        assert_eq!(got, c["expect"].as_str().expect("expect"), "case {name}");
+        let detail =
+            verify_bundle_json(c["bundle_json"].as_str().expect("bundle").as_bytes(), &payload, &key).err();
+        assert_eq!(got, c["expect"].as_str().expect("expect"), "case {name}: {detail:?}");
     }
 }
 

@@ -90,4 +90,23 @@ fn a_tampered_ledger_fails_ledger_verify() {
     let (code, out) = ledger_verify(&notary.dir);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("entry 1"), "{out}");
+
+    // Every entry carries the head the broker signed when it appended it;
+    // a head moved to another entry is caught.
+    let db = rusqlite::Connection::open(notary.dir.join("ledger.sqlite")).expect("ledger");
+    db.execute("UPDATE ledger_entries SET anchored_at_ms = anchored_at_ms - 1 WHERE idx = 1", [])
+        .expect("restore");
+    let (code, out) = ledger_verify(&notary.dir);
+    assert_eq!(code, 0, "{out}");
+    let entries: u64 = db.query_row("SELECT COUNT(*) FROM ledger_entries", [], |r| r.get(0)).expect("count");
+    assert!(out.contains(&format!("{entries} ledger entries ({entries} with a signed head)")), "{out}");
+    db.execute(
+        "UPDATE ledger_entries SET head = (SELECT head FROM ledger_entries WHERE idx = 0) WHERE idx = 1",
+        [],
+    )
+    .expect("tamper");
+    drop(db);
+    let (code, out) = ledger_verify(&notary.dir);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("entry 1: signed head names another entry"), "{out}");
 }

@@ -37,8 +37,9 @@ fn tampering_with_any_part_fails_with_the_matching_error() {
         assert_eq!(code, 1, "{what}: expected failure, got {code}: {err}");
         assert!(err.contains(&format!("[{expect}]")), "{what}: expected {expect}, got: {err}");
     };
-    let (code, _, err) = cli_verify(&bundle.to_string(), &payload, &key);
+    let (code, out, err) = cli_verify(&bundle.to_string(), &payload, &key);
     assert_eq!(code, 0, "untampered bundle verifies: {err}");
+    assert!(out.contains("entry signed by the broker's key"), "the local anchor is proven: {out}");
 
     for i in 0..payload.len() {
         let mut p = payload.clone();
@@ -87,6 +88,28 @@ fn tampering_with_any_part_fails_with_the_matching_error() {
         hex_flip(&mut b["receipts"][0][field], 3);
         check(&b, &payload, "receipt-mismatch", &format!("receipt {field}"));
     }
+
+    // Re-dated to the year 2100 and re-indexed by whoever holds the bundle,
+    // the entry hash recomputed to match: the broker's signed ledger head
+    // still names the real entry.
+    let hash = |v: &Value| {
+        let mut h = [0u8; 32];
+        hex::decode_to_slice(v.as_str().expect("hex"), &mut h).expect("hex");
+        h
+    };
+    let r = &bundle["receipts"][0];
+    assert!(r["head"].is_string(), "a local receipt carries its signed head: {r}");
+    let forged = notary_proof::LocalEntry {
+        index: 999_999,
+        prev_hash: hash(&r["prev_hash"]),
+        checkpoint_hash: hash(&r["checkpoint_hash"]),
+        anchored_at_ms: 4_102_444_800_000,
+    };
+    let mut b = bundle.clone();
+    b["receipts"][0]["index"] = forged.index.into();
+    b["receipts"][0]["anchored_at_ms"] = forged.anchored_at_ms.into();
+    b["receipts"][0]["entry_hash"] = hex::encode(forged.hash()).into();
+    check(&b, &payload, "receipt-mismatch", "receipt re-dated and re-indexed");
 
     // A key that is not the broker's is refused, not trusted.
     let other = tmp.path().join("other.pub");
