@@ -1,8 +1,9 @@
-//! The ed25519 batch-verification ceiling: how many device signatures this
+//! The ed25519 verification ceiling: how many device signatures this
 //! machine can check per second when it does nothing else. The envelopes
 //! are real COSE_Sign1 envelopes of the load generator's size, checked by
 //! the very function the ingest pipeline uses
-//! (`notary_proof::envelope::verify_batch`, batches of 64).
+//! (`notary_proof::envelope::verify_many`: strict verification, one
+//! signature at a time).
 
 use notary_proof::envelope::{self, Envelope, EnvelopeFields};
 use std::time::{Duration, Instant};
@@ -62,7 +63,7 @@ pub fn measure(seconds: f64) -> Ceiling {
                     s.spawn(|| {
                         let mut n = 0;
                         while start.elapsed() < limit {
-                            let ok = envelope::verify_batch(&items);
+                            let ok = envelope::verify_many(&items);
                             n += ok.iter().filter(|v| **v).count();
                         }
                         n

@@ -1,5 +1,5 @@
 //! The broker and the offline verifier must agree on every envelope: the
-//! broker accepts it (parse, then its batch signature check) exactly when
+//! broker accepts it (parse, then its signature check) exactly when
 //! the bundle of the leaf it would write verifies. The input is the
 //! payload published on `plant/line1/temp` by device `meter-17`, whose key
 //! is the one of tests/vectors/envelopes.json.
@@ -7,7 +7,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use notary_proof::device::{DeviceFields, RegistryAction, RegistryEvent, NO_PREV};
-use notary_proof::envelope::{is_envelope, verify_batch, DeviceKey, Envelope};
+use notary_proof::envelope::{is_envelope, verify_many, DeviceKey, Envelope};
 use notary_proof::receipt::LedgerHead;
 use notary_proof::tree::{inclusion_proof, root, MemoryTree};
 use notary_proof::{
@@ -28,7 +28,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(env) = Envelope::parse(data, TOPIC) else { return };
     let public = ed25519_dalek::SigningKey::from_bytes(&[0x17; 32]).verifying_key();
     let key = DeviceKey::from_bytes(public.as_bytes()).expect("a real key");
-    let accepted = env.device_id == "meter-17" && verify_batch(&[(&env, &key)]) == [true];
+    let accepted = env.device_id == "meter-17" && verify_many(&[(&env, &key)]) == [true];
 
     // The log a broker would write: enrolment, then the message.
     let event = RegistryEvent {

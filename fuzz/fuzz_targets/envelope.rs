@@ -1,11 +1,11 @@
 //! Device envelopes are untrusted bytes from any MQTT client: parsing and
 //! verifying them must never panic, whatever they hold, and the broker's
-//! batch check must say what strict verification says. The first byte
+//! signature check must say what strict verification says. The first byte
 //! picks the topic, the rest is the payload.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use notary_proof::envelope::{is_envelope, verify_batch, DeviceKey, Envelope};
+use notary_proof::envelope::{is_envelope, verify_many, DeviceKey, Envelope};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&t, payload)) = data.split_first() else { return };
@@ -15,6 +15,6 @@ fuzz_target!(|data: &[u8]| {
         let key = ed25519_dalek::SigningKey::from_bytes(&[0x17; 32]).verifying_key();
         let device_key = DeviceKey::from_bytes(key.as_bytes()).expect("a real key");
         let strict = env.verify(&key).is_ok();
-        assert_eq!(verify_batch(&[(&env, &device_key)]), vec![strict], "batch and strict verification differ");
+        assert_eq!(verify_many(&[(&env, &device_key)]), vec![strict], "the broker and strict verification differ");
     }
 });

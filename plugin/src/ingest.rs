@@ -29,7 +29,7 @@ use crate::sealer::SealerMsg;
 use crate::source::{now_ms, Closed, Message, Outbox, Outcome, Responder, Sink};
 use crate::store::{Commit, Fault, RegistryChange, Rejection, Store, StoreError, StoredLeaf};
 use crate::topics::Topics;
-use notary_proof::envelope::{self, is_envelope, BATCH_SIZE};
+use notary_proof::envelope::{self, is_envelope};
 use notary_proof::{DeviceFields, DeviceKey, Envelope, EnvelopeError, LeafRecord};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -978,20 +978,25 @@ fn unstorable(leaf: &StoredLeaf, device: Option<String>, why: &dyn std::fmt::Dis
     }
 }
 
-/// Verifies envelopes on every core: in ed25519 batches, split across
-/// scoped threads when there are enough of them.
+/// Fewer signatures than this are verified on the judge's thread alone:
+/// a strict check costs tens of microseconds, so only larger groups repay
+/// starting threads.
+const PARALLEL_FROM: usize = 32;
+
+/// Verifies envelopes on every core: split across scoped threads when
+/// there are enough of them.
 fn verify_parallel(items: &[(&Envelope, &DeviceKey)]) -> Vec<bool> {
     // Asked once: `available_parallelism` reads cgroup files on every call
     // (measured: a tenth of the judge's time with groups of ten).
     static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let threads = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(8));
-    if threads == 1 || items.len() < 2 * BATCH_SIZE {
-        return envelope::verify_batch(items);
+    if threads == 1 || items.len() < PARALLEL_FROM {
+        return envelope::verify_many(items);
     }
-    let per = items.len().div_ceil(threads).next_multiple_of(BATCH_SIZE);
+    let per = items.len().div_ceil(threads);
     std::thread::scope(|s| {
         let handles: Vec<_> =
-            items.chunks(per).map(|c| (c.len(), s.spawn(move || envelope::verify_batch(c)))).collect();
+            items.chunks(per).map(|c| (c.len(), s.spawn(move || envelope::verify_many(c)))).collect();
         handles.into_iter().flat_map(|(n, h)| h.join().unwrap_or_else(|_| vec![false; n])).collect()
     })
 }

@@ -29,17 +29,6 @@ use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
 pub const LABEL_COUNTER: i64 = -65537;
 pub const LABEL_DEVICE_TIME: i64 = -65538;
 pub const LABEL_TOPIC: i64 = -65539;
-/// Signatures verified together in one ed25519 batch. From about 190
-/// signatures on, ed25519-dalek's batch check switches to Pippenger's
-/// algorithm: measured on one core, a batch of 256 costs 14 µs per
-/// signature, one of 64 costs 20 µs, a single check 43 µs
-/// (bench/RESULTS.md).
-pub const BATCH_SIZE: usize = 256;
-/// A batch that fails is checked again in sub-batches of this size, and
-/// only a sub-batch that fails signature by signature: one bad signature
-/// costs its batch about 2.5 times its price, not 4 times.
-pub const SUB_BATCH_SIZE: usize = 16;
-
 /// Why an envelope is refused. `code()` is the rejection reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EnvelopeError {
@@ -103,7 +92,7 @@ pub struct Envelope {
 impl Envelope {
     /// Parses `bytes` published on `topic`. Checks structure, algorithm and
     /// topic; the signature is checked by [`Envelope::verify`] or
-    /// [`verify_batch`], once the device's key is known.
+    /// [`verify_many`], once the device's key is known.
     pub fn parse(bytes: &[u8], topic: &str) -> Result<Self, EnvelopeError> {
         let encoding = |e| malformed(format!("not in the envelope's CBOR encoding: {e}"));
         match bytes.split_first() {
@@ -234,48 +223,19 @@ fn prime_order_point(bytes: &[u8; 32]) -> bool {
 }
 
 /// Verifies many envelopes, each with its key, and says which are valid:
-/// exactly what [`Envelope::verify`] says of each, faster.
+/// each signature alone, with `verify_strict`, so the broker's verdict is
+/// by construction the one any verifier reaches.
 ///
-/// Batch verification is cofactorless with coefficients that are known
-/// once the batch is, so a difference `R - (sB - kA)` of small order
-/// (R or A with a small-order component, or R in a non-canonical
-/// encoding) can cancel out and let a signature through that strict
-/// verification refuses. Only signatures whose R and key are both
-/// canonical points of prime order go into a batch; any other is checked
-/// alone with `verify_strict`. Batches hold [`BATCH_SIZE`] signatures; a
-/// batch that fails is split into sub-batches of [`SUB_BATCH_SIZE`], and a
-/// sub-batch that fails is checked signature by signature.
-pub fn verify_batch(items: &[(&Envelope, &DeviceKey)]) -> Vec<bool> {
-    let mut valid = vec![false; items.len()];
-    let mut batchable = Vec::with_capacity(items.len());
-    for (i, (e, k)) in items.iter().enumerate() {
-        if k.prime_order && prime_order_point(e.signature.r_bytes()) {
-            batchable.push(i);
-        } else {
-            valid[i] = e.verify(k.key()).is_ok();
-        }
-    }
-    for chunk in batchable.chunks(BATCH_SIZE) {
-        if batch_ok(items, chunk) {
-            chunk.iter().for_each(|&i| valid[i] = true);
-            continue;
-        }
-        for sub in chunk.chunks(SUB_BATCH_SIZE) {
-            if batch_ok(items, sub) {
-                sub.iter().for_each(|&i| valid[i] = true);
-            } else {
-                sub.iter().for_each(|&i| valid[i] = items[i].0.verify(items[i].1.key()).is_ok());
-            }
-        }
-    }
-    valid
-}
-
-fn batch_ok(items: &[(&Envelope, &DeviceKey)], which: &[usize]) -> bool {
-    let messages: Vec<&[u8]> = which.iter().map(|&i| items[i].0.signed_bytes.as_slice()).collect();
-    let signatures: Vec<Signature> = which.iter().map(|&i| items[i].0.signature).collect();
-    let keys: Vec<VerifyingKey> = which.iter().map(|&i| items[i].1.key).collect();
-    ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_ok()
+/// Batch verification is not used. It is cofactorless with coefficients
+/// fixed by the batch's contents, so it accepts, one time in 2, 4 or 8, a
+/// signature whose R has a small-order component that strict verification
+/// refuses (vectors `r-with-order-{2,4,8}-component`). Excluding those
+/// needs a prime-order check of every R, a scalar multiplication that
+/// costs more than the batch saves: measured on one core, batches 20-25
+/// µs a signature, batches plus that check 76-85 µs, strict verification
+/// alone 50-65 µs (`examples/signature_paths.rs`, bench/RESULTS.md).
+pub fn verify_many(items: &[(&Envelope, &DeviceKey)]) -> Vec<bool> {
+    items.iter().map(|(e, k)| e.verify(k.key()).is_ok()).collect()
 }
 
 /// What a device signs into one envelope.
@@ -386,10 +346,7 @@ mod tests {
     }
 
     #[test]
-    fn batches_find_the_bad_signatures() {
-        // Three batches (256, 256, 88): bad signatures in the first
-        // sub-batch, two in one later sub-batch, in the second batch, and
-        // the last of the short batch.
+    fn verify_many_finds_the_bad_signatures() {
         let n = 600;
         let keys: Vec<SigningKey> = (0..n).map(|i| key((i % 200) as u8 + 1)).collect();
         let mut envs: Vec<Envelope> = keys
@@ -408,7 +365,7 @@ mod tests {
             keys.iter().map(|k| DeviceKey::from_bytes(k.verifying_key().as_bytes()).expect("key")).collect();
         assert!(vks.iter().all(DeviceKey::is_prime_order));
         let items: Vec<(&Envelope, &DeviceKey)> = envs.iter().zip(&vks).collect();
-        let valid = verify_batch(&items);
+        let valid = verify_many(&items);
         assert_eq!(valid.len(), n);
         assert!(valid.iter().enumerate().all(|(i, v)| *v != bad.contains(&i)));
     }

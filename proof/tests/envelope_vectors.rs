@@ -299,22 +299,21 @@ fn checked_in_envelope_vectors_match_the_generator_and_hold() {
         if c["name"].as_str().is_some_and(|n| n.starts_with("r-with-")) {
             let valid = hex::decode(cases[0]["envelope_hex"].as_str().expect("hex")).expect("hex");
             assert!(plain_batch_accepts(&valid, &bytes), "case {} tests nothing", c["name"]);
-            // The same pair, through the broker's batch check.
+            // The same pair, through the broker's check.
             let pair = [&valid, &bytes].map(|b| Envelope::parse(b, TOPIC).expect("parses"));
             let key = DeviceKey::from_bytes(&pk).expect("key");
             assert_eq!(
-                envelope::verify_batch(&[(&pair[0], &key), (&pair[1], &key)]),
+                envelope::verify_many(&[(&pair[0], &key), (&pair[1], &key)]),
                 [true, false],
                 "case {}",
                 c["name"]
             );
         }
     }
-    // The broker's batch check says of each what strict verification says,
-    // with the signatures in one batch.
+    // The broker's check says of each what strict verification says.
     let items: Vec<(&Envelope, &DeviceKey)> = parsed.iter().map(|(_, e, k, _)| (e, k)).collect();
-    for ((name, .., strict), batch) in parsed.iter().zip(envelope::verify_batch(&items)) {
-        assert_eq!(batch, *strict, "case {name}: batch and strict verification differ");
+    for ((name, .., strict), batch) in parsed.iter().zip(envelope::verify_many(&items)) {
+        assert_eq!(batch, *strict, "case {name}: the broker and strict verification differ");
     }
 }
 

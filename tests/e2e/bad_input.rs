@@ -84,7 +84,21 @@ fn http_rejects_bad_requests_with_status_codes() {
     assert_eq!(notary.get("/nothing/here").0, 404);
     still_serving(&notary, "bad HTTP requests");
     assert_eq!(notary.get("/v1/consistency?from=2&to=1").0, 400);
-    assert_eq!(notary.get("/v1/consistency?from=1&to=1").0, 200);
+    // Equal sizes (PROTOCOL.md §HTTP API): an empty proof between one
+    // checkpoint and itself, which RFC 9162 accepts exactly when the roots
+    // are equal.
+    let (status, body) = notary.get("/v1/consistency?from=1&to=1");
+    assert_eq!(status, 200, "{body}");
+    let c: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(c["proof"], serde_json::json!([]), "{body}");
+    assert_eq!(c["from_checkpoint"], c["to_checkpoint"], "{body}");
+    let key = notary_proof::NoteVerifier::from_key_string(
+        &std::fs::read_to_string(notary.broker_key()).expect("key"),
+    )
+    .expect("key");
+    let cp = key.verify_checkpoint(c["to_checkpoint"].as_str().expect("note")).expect("signed");
+    notary_proof::tree::verify_consistency(1, 1, &cp.root, &cp.root, &[]).expect("equal roots");
+    assert!(notary_proof::tree::verify_consistency(1, 1, &cp.root, &cp.root, &[cp.root]).is_err());
 }
 
 #[test]
