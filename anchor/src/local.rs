@@ -9,8 +9,9 @@
 //! Each append is signed: the broker signs the new ledger head (size and
 //! newest entry hash) with its checkpoint key, and the receipt carries that
 //! note, so a receipt's index and time are the broker's signed word, not
-//! fields anyone holding a bundle could rewrite. Entries appended before
-//! heads were signed get theirs when their receipt is next asked for.
+//! fields anyone holding a bundle could rewrite. An entry appended before
+//! heads were signed gets its head only if its checkpoint is anchored
+//! again.
 //!
 //! Appends are compare-and-swap on the chain head: the new row is inserted
 //! only if the head is still the one its `prev_hash` names, inside a
