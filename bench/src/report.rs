@@ -23,15 +23,21 @@ fn delivered(x: &Run) -> String {
     if x.repeats.len() < 2 {
         return format!("{:.0}", x.delivered_per_s);
     }
+    let spread = (hi - lo) / hi.max(1e-9);
     format!(
-        "{:.0} ({:.0}–{:.0}, {} runs, spread {:.0} %)",
+        "{:.0} ({:.0}–{:.0}, {} runs, spread {:.0} %{})",
         x.delivered_per_s,
         lo,
         hi,
         x.repeats.len(),
-        (hi - lo) / hi.max(1e-9) * 100.0
+        spread * 100.0,
+        if spread > SPREAD_WARN { ": **over 15 %, ratios against it are unreliable**" } else { "" }
     )
 }
+
+/// A baseline whose runs differ by more than this (of the fastest) is
+/// flagged: the machine's speed changed during the run.
+pub const SPREAD_WARN: f64 = 0.15;
 
 fn find(runs: &[Run], kind: Kind, qos: u8) -> Option<&Run> {
     runs.iter().find(|r| r.system == kind && r.qos == qos)
@@ -89,6 +95,7 @@ pub fn targets(r: &Results, max_batch_age_ms: u64) -> Vec<Target> {
             growth <= 0.10,
         ));
     }
+    t.extend(retention_targets(r));
     let clean = r.signed.iter().find(|s| s.invalid_per_mille == 0).and_then(|s| s.notarized_per_s);
     let spoiled = r.signed.iter().find(|s| s.invalid_per_mille > 0).and_then(|s| s.notarized_per_s);
     if let (Some(clean), Some(spoiled)) = (clean, spoiled) {
@@ -125,6 +132,45 @@ pub fn targets(r: &Results, max_batch_age_ms: u64) -> Vec<Target> {
         lost == 0 && !qos1.is_empty(),
     ));
     t
+}
+
+/// Under retention, once pruning is steady (from twice the horizon on):
+/// disk and memory flat (largest ÷ smallest <= 1.1), and the ingest rate
+/// at least 0.9 x the rate before the horizon, when nothing was pruned.
+fn retention_targets(r: &Results) -> Vec<Target> {
+    let horizon = r.plan.retention_horizon;
+    let before: Vec<_> = r.retention.iter().filter(|p| p.sent <= horizon).collect();
+    let steady: Vec<_> = r.retention.iter().filter(|p| p.sent > 2 * horizon).collect();
+    if before.is_empty() || steady.len() < 2 {
+        return Vec::new();
+    }
+    let span = |f: fn(&crate::runner::RetentionPoint) -> f64| {
+        let (lo, hi) = steady.iter().fold((f64::MAX, 0.0f64), |(l, h), p| (l.min(f(p)), h.max(f(p))));
+        (lo, hi, hi / lo.max(1e-9))
+    };
+    let mean = |v: &[&crate::runner::RetentionPoint]| {
+        v.iter().map(|p| p.notarized_per_s).sum::<f64>() / v.len() as f64
+    };
+    let (dl, dh, disk) = span(|p| p.disk_mib);
+    let (rl, rh, rss) = span(|p| p.rss_mib);
+    let (fresh, pruning) = (mean(&before), mean(&steady));
+    vec![
+        target(
+            format!("retention: disk flat past the horizon ({horizon} messages): max / min <= 1.1"),
+            format!("{dl:.1} .. {dh:.1} MiB = {disk:.2} x"),
+            disk <= 1.1,
+        ),
+        target(
+            "retention: RSS flat past the horizon: max / min <= 1.1",
+            format!("{rl:.0} .. {rh:.0} MiB = {rss:.2} x"),
+            rss <= 1.1,
+        ),
+        target(
+            "retention: ingest msg/s while pruning >= 0.9 x before the horizon",
+            format!("{pruning:.0} / {fresh:.0} = {:.2} x", pruning / fresh.max(1e-9)),
+            pruning >= 0.9 * fresh,
+        ),
+    ]
 }
 
 /// "delivery / notary" losses, or the delivery loss alone.
@@ -304,6 +350,20 @@ pub fn markdown(r: &Results) -> String {
                 s,
                 "| {} | {:.0} | {:.0} | {:.2} / {:.2} |",
                 p.stored, p.rss_mib, p.disk_bytes_per_msg, p.proof_http.p50_ms, p.proof_http.p99_ms
+            );
+        }
+    }
+    if !r.retention.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n## Under retention\n\nOne notary with `[retention] max_bytes = {}` (what its store uses at {} messages), sent {} messages in chunks (QoS 1, {} publishers); after each chunk: its ingest rate, resident memory, the data directory's size and the store's bytes in use.\n\n| sent | pruned | notarized msg/s | RSS MiB | disk MiB | in use MiB |\n|---|---|---|---|---|---|",
+            r.retention_max_bytes, r.plan.retention_horizon, r.plan.retention_messages, r.plan.publishers
+        );
+        for p in &r.retention {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.0} | {:.0} | {:.1} | {:.1} |",
+                p.sent, p.pruned, p.notarized_per_s, p.rss_mib, p.disk_mib, p.used_mib
             );
         }
     }

@@ -35,6 +35,13 @@ pub struct Plan {
     pub store_steps: Vec<u64>,
     pub store_requests: usize,
     pub ceiling_seconds: f64,
+    /// The retention phase: messages sent in all, and the horizon, in
+    /// messages (turned into `retention.max_bytes`: the store's bytes in
+    /// use once it holds that many).
+    #[serde(default)]
+    pub retention_messages: u64,
+    #[serde(default)]
+    pub retention_horizon: u64,
     /// Only these systems (all when empty).
     #[serde(default)]
     pub only: Vec<Kind>,
@@ -62,6 +69,8 @@ impl Plan {
             store_steps: (1..=10).map(|m| m * 1_000_000).collect(),
             store_requests: 1000,
             ceiling_seconds: 3.0,
+            retention_messages: 10_000_000,
+            retention_horizon: 2_000_000,
             only: Vec::new(),
         }
     }
@@ -83,6 +92,8 @@ impl Plan {
             store_steps: vec![50_000, 100_000],
             store_requests: 200,
             ceiling_seconds: 0.5,
+            retention_messages: 100_000,
+            retention_horizon: 20_000,
             only: Vec::new(),
         }
     }
@@ -154,6 +165,22 @@ pub struct StorePoint {
     pub proof_http: Latency,
 }
 
+/// One chunk of the retention phase.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RetentionPoint {
+    /// Messages sent so far.
+    pub sent: u64,
+    /// Leaves pruned so far.
+    pub pruned: u64,
+    /// This chunk's messages persisted per second.
+    pub notarized_per_s: f64,
+    pub rss_mib: f64,
+    /// The data directory's bytes (store, WAL, ledger, keys).
+    pub disk_mib: f64,
+    /// The store's bytes in use (`notary_store_used_bytes`).
+    pub used_mib: f64,
+}
+
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Results {
     pub machine: crate::machine::Machine,
@@ -165,6 +192,11 @@ pub struct Results {
     pub latency: Vec<LatencyRun>,
     pub scaling: Vec<Run>,
     pub store: Vec<StorePoint>,
+    /// The retention phase, with its `max_bytes`.
+    #[serde(default)]
+    pub retention: Vec<RetentionPoint>,
+    #[serde(default)]
+    pub retention_max_bytes: u64,
     pub targets: Vec<crate::report::Target>,
 }
 
@@ -225,39 +257,33 @@ pub fn run(plan: &Plan, out: &Path) -> anyhow::Result<()> {
     };
 
     let mut runs = Vec::new();
+    let included = |kinds: &[Kind]| kinds.iter().copied().filter(|k| plan.includes(*k)).collect::<Vec<_>>();
     for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
-        for kind in
-            [Kind::Mosquitto, Kind::Rumqttd, Kind::Rmqtt, Kind::Notary, Kind::NotarySigned, Kind::Sidecar]
-        {
-            if !plan.includes(kind) {
-                continue;
-            }
-            let spec = LoadSpec { run: next_run(), ..base(qos, kind.signed()) };
-            runs.push(measured(&rt, kind, spec, &mut next_run)?);
-        }
+        let kinds = included(&[
+            Kind::Mosquitto,
+            Kind::Rumqttd,
+            Kind::Rmqtt,
+            Kind::Notary,
+            Kind::NotarySigned,
+            Kind::Sidecar,
+        ]);
+        let spec = |kind: Kind| base(qos, kind.signed());
+        runs.extend(interleaved(&rt, &kinds, spec, &mut next_run)?);
     }
     // 100 publishers at QoS 1: with acknowledgements after commits, many
     // connections share each commit.
-    for kind in [Kind::Mosquitto, Kind::Notary].into_iter().filter(|k| plan.includes(*k)) {
-        let spec = LoadSpec {
-            run: next_run(),
-            publishers: 100,
-            per_publisher: (plan.messages / 100).max(1),
-            ..base(QoS::AtLeastOnce, false)
-        };
-        runs.push(measured(&rt, kind, spec, &mut next_run)?);
-    }
+    let spec = |_| LoadSpec {
+        publishers: 100,
+        per_publisher: (plan.messages / 100).max(1),
+        ..base(QoS::AtLeastOnce, false)
+    };
+    runs.extend(interleaved(&rt, &included(&[Kind::Mosquitto, Kind::Notary]), spec, &mut next_run)?);
     // One publisher, QoS 1, 100 in flight: a connection's rate when each
     // acknowledgement waits for a commit.
-    for kind in [Kind::Mosquitto, Kind::Rmqtt, Kind::Notary].into_iter().filter(|k| plan.includes(*k)) {
-        let spec = LoadSpec {
-            run: next_run(),
-            publishers: 1,
-            per_publisher: plan.messages / 10,
-            ..base(QoS::AtLeastOnce, false)
-        };
-        runs.push(measured(&rt, kind, spec, &mut next_run)?);
-    }
+    let spec =
+        |_| LoadSpec { publishers: 1, per_publisher: plan.messages / 10, ..base(QoS::AtLeastOnce, false) };
+    let kinds = included(&[Kind::Mosquitto, Kind::Rmqtt, Kind::Notary]);
+    runs.extend(interleaved(&rt, &kinds, spec, &mut next_run)?);
     let mut signed = Vec::new();
     for invalid_every in [None, Some(1000)].into_iter().filter(|_| plan.includes(Kind::NotarySigned)) {
         let spec = LoadSpec { run: next_run(), invalid_every, ..base(QoS::AtMostOnce, true) };
@@ -306,6 +332,11 @@ pub fn run(plan: &Plan, out: &Path) -> anyhow::Result<()> {
             store = store_growth(&rt, plan, next_run())?;
         }
     }
+    let (retention, retention_max_bytes) = if plan.includes(Kind::Notary) && plan.retention_messages > 0 {
+        retention_phase(&rt, plan, next_run())?
+    } else {
+        (Vec::new(), 0)
+    };
 
     let mut results = Results {
         machine,
@@ -317,6 +348,8 @@ pub fn run(plan: &Plan, out: &Path) -> anyhow::Result<()> {
         latency,
         scaling,
         store,
+        retention,
+        retention_max_bytes,
         targets: Vec::new(),
     };
     results.targets = crate::report::targets(&results, MAX_BATCH_AGE_MS);
@@ -329,28 +362,38 @@ pub fn run(plan: &Plan, out: &Path) -> anyhow::Result<()> {
 /// rest on the best of them and the spread shows how much it varies.
 const BASELINE_REPEATS: usize = 2;
 
-/// [`throughput`], repeated for a baseline (the fastest run kept, every
-/// repeat's rate recorded).
-fn measured(
+/// [`throughput`] of each of `kinds` under the same load, the plain
+/// brokers (baselines) [`BASELINE_REPEATS`] times, interleaved with the
+/// notarizing systems: every system once, then the baselines again, so a
+/// baseline's runs bracket the notary's and a change in the machine's
+/// speed during the run shows as a baseline's spread. Each baseline keeps
+/// its fastest run, with every repeat's rate recorded.
+fn interleaved(
     rt: &tokio::runtime::Runtime,
-    kind: Kind,
-    spec: LoadSpec,
+    kinds: &[Kind],
+    spec: impl Fn(Kind) -> LoadSpec,
     next_run: &mut impl FnMut() -> u32,
-) -> anyhow::Result<Run> {
-    let first = throughput(rt, kind, spec.clone())?;
-    if kind.notarizes() {
-        return Ok(first);
+) -> anyhow::Result<Vec<Run>> {
+    let mut all: Vec<Vec<Run>> = Vec::new();
+    for &kind in kinds {
+        all.push(vec![throughput(rt, kind, LoadSpec { run: next_run(), ..spec(kind) })?]);
     }
-    let mut all = vec![first];
     for _ in 1..BASELINE_REPEATS {
-        all.push(throughput(rt, kind, LoadSpec { run: next_run(), ..spec.clone() })?);
+        for (i, &kind) in kinds.iter().enumerate().filter(|(_, k)| !k.notarizes()) {
+            all[i].push(throughput(rt, kind, LoadSpec { run: next_run(), ..spec(kind) })?);
+        }
     }
-    let repeats = all.iter().map(|r| r.delivered_per_s).collect();
-    let best = all
-        .into_iter()
-        .max_by(|a, b| a.delivered_per_s.total_cmp(&b.delivered_per_s))
-        .context("at least one run")?;
-    Ok(Run { repeats, ..best })
+    all.into_iter()
+        .map(|runs| {
+            let repeats =
+                if runs.len() > 1 { runs.iter().map(|r| r.delivered_per_s).collect() } else { Vec::new() };
+            let best = runs
+                .into_iter()
+                .max_by(|a, b| a.delivered_per_s.total_cmp(&b.delivered_per_s))
+                .context("at least one run")?;
+            Ok(Run { repeats, ..best })
+        })
+        .collect()
 }
 
 fn qos_number(q: QoS) -> u8 {
@@ -631,17 +674,10 @@ fn store_growth(rt: &tokio::runtime::Runtime, plan: &Plan, run: u32) -> anyhow::
             ..first.clone()
         };
         let sent = spec.total();
-        rt.block_on(load::publish(Arc::new(spec.clone()), sys.mqtt_port, None, None))?;
+        fill(rt, &mut sys, &spec, base.0, stored + sent)?;
         chunks.push((spec.run, spec.per_publisher));
         stored += sent;
         let start = Instant::now();
-        while notary_counts(&sys).0.saturating_sub(base.0) < stored {
-            sys.check_alive()?;
-            if start.elapsed() > STALL * 6 {
-                anyhow::bail!("notary did not persist {stored} messages");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
         if stored >= target || sent == 0 {
             step.next();
             // Proofs exist once the batches are sealed: wait for the last
@@ -694,4 +730,111 @@ fn store_growth(rt: &tokio::runtime::Runtime, plan: &Plan, run: u32) -> anyhow::
     }
     sys.stop();
     Ok(points)
+}
+
+/// Sends `spec`'s messages to a running notary and waits until `total`
+/// (counted from `base`) are persisted; returns the seconds it took.
+fn fill(
+    rt: &tokio::runtime::Runtime,
+    sys: &mut System,
+    spec: &LoadSpec,
+    base: u64,
+    total: u64,
+) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    rt.block_on(load::publish(Arc::new(spec.clone()), sys.mqtt_port, None, None))?;
+    while notary_counts(sys).0.saturating_sub(base) < total {
+        sys.check_alive()?;
+        if start.elapsed() > STALL * 6 {
+            anyhow::bail!("notary did not persist {total} messages");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// Retention: a notary whose `max_bytes` is what its store uses at
+/// `retention_horizon` messages, sent `retention_messages` in chunks; at
+/// each chunk the ingest rate, memory and disk. Past the horizon, disk and
+/// memory should stay flat and the rate unchanged while pruning runs.
+fn retention_phase(
+    rt: &tokio::runtime::Runtime,
+    plan: &Plan,
+    run: u32,
+) -> anyhow::Result<(Vec<RetentionPoint>, u64)> {
+    let horizon = plan.retention_horizon.max(plan.publishers as u64);
+    eprintln!("notary retention: {} messages, horizon {horizon}", plan.retention_messages);
+    let spec = |run: u32, n: u64| LoadSpec {
+        run,
+        publishers: plan.publishers,
+        per_publisher: (n / plan.publishers as u64).max(1),
+        payload: plan.payload,
+        qos: QoS::AtLeastOnce,
+        rate: None,
+        signed: false,
+        invalid_every: None,
+        sample_every: None,
+    };
+    // The horizon in bytes: what the store of a notary that was sent
+    // `horizon` messages uses.
+    let (mut sys, base) = started_notary(rt, "", run)?;
+    let sizing = spec(run + 1, horizon);
+    fill(rt, &mut sys, &sizing, base, sizing.total())?;
+    let data = sys.data_dir.clone().context("notary data directory")?;
+    sys.kill();
+    let max_bytes = mqtt_notary_store_size(&data)?;
+    drop(sys);
+
+    let (mut sys, base) = started_notary(rt, &format!("[retention]\nmax_bytes = {max_bytes}\n"), run + 2)?;
+    let chunk = (horizon / 2).max(plan.publishers as u64);
+    let mut points = Vec::new();
+    let mut sent = 0u64;
+    let mut id = run + 3;
+    while sent < plan.retention_messages {
+        let s = spec(id, chunk.min(plan.retention_messages - sent));
+        id += 1;
+        let seconds = fill(rt, &mut sys, &s, base, sent + s.total())?;
+        sent += s.total();
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        let point = RetentionPoint {
+            sent,
+            pruned: metric(&sys, "notary_pruned_leaves_total"),
+            notarized_per_s: s.total() as f64 / seconds.max(1e-9),
+            rss_mib: mib(sys.rss()),
+            disk_mib: mib(sys.disk_bytes()),
+            used_mib: mib(metric(&sys, "notary_store_used_bytes")),
+        };
+        eprintln!(
+            "  {:>9} sent  {:>9} pruned  {:.0} msg/s  rss {:.0} MiB  disk {:.1} MiB  in use {:.1} MiB",
+            point.sent, point.pruned, point.notarized_per_s, point.rss_mib, point.disk_mib, point.used_mib
+        );
+        points.push(point);
+    }
+    sys.stop();
+    Ok((points, max_bytes))
+}
+
+/// A notary with `extra` config, warmed up; returns it with the messages
+/// persisted so far (the warm-up's).
+fn started_notary(rt: &tokio::runtime::Runtime, extra: &str, run: u32) -> anyhow::Result<(System, u64)> {
+    let mut sys = System::start_with(Kind::Notary, 0, extra)?;
+    let warmed = rt.block_on(load::warm_up(sys.mqtt_port, run, || {
+        metric(&sys, "notary_messages_notarized_total") > 0
+    }))?;
+    let start = Instant::now();
+    while notary_counts(&sys).0 < warmed {
+        sys.check_alive()?;
+        if start.elapsed() > STALL {
+            anyhow::bail!("the warm-up was not persisted");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let base = notary_counts(&sys).0;
+    Ok((sys, base))
+}
+
+/// Bytes in use in a stopped notary's store.
+fn mqtt_notary_store_size(data_dir: &Path) -> anyhow::Result<u64> {
+    let store = notary_plugin::store::Store::open(data_dir)?;
+    Ok(store.size()?.used_bytes)
 }

@@ -70,10 +70,11 @@ max_inflight = 1000
 max_queued_messages = 100000000
 ";
 
-fn notary_conf(dir: &Path, devices: usize) -> anyhow::Result<PathBuf> {
+fn notary_conf(dir: &Path, devices: usize, extra: &str) -> anyhow::Result<PathBuf> {
     let mut conf = String::from("# mqtt-notary defaults, but for the enrolled bench devices and the\n");
     conf.push_str("# baselines' delivery limits.\n");
     conf.push_str(NOTARY_MQTT_CONF);
+    conf.push_str(extra);
     if devices > 0 {
         let file = dir.join("devices.toml");
         let mut list = String::new();
@@ -109,6 +110,11 @@ pub struct System {
 impl System {
     /// Starts `kind`; `devices` device keys are enrolled for signed loads.
     pub fn start(kind: Kind, devices: usize) -> anyhow::Result<System> {
+        Self::start_with(kind, devices, "")
+    }
+
+    /// [`System::start`], with `extra` appended to a notary's config file.
+    pub fn start_with(kind: Kind, devices: usize, extra: &str) -> anyhow::Result<System> {
         let dir = tempfile::Builder::new().prefix("notary-bench-").tempdir()?;
         let mqtt_port = free_port()?;
         let me = std::env::current_exe()?;
@@ -143,7 +149,7 @@ impl System {
         if kind.notarizes() {
             let http = free_port()?;
             let data = dir.join("data");
-            let conf = notary_conf(&dir, if kind.signed() { devices } else { 0 })?;
+            let conf = notary_conf(&dir, if kind.signed() { devices } else { 0 }, extra)?;
             let mut cmd = Command::new(&me);
             cmd.arg("notary");
             if kind == Kind::Sidecar {
@@ -221,6 +227,11 @@ impl System {
     }
 
     pub fn stop(mut self) {
+        self.kill();
+    }
+
+    /// Ends the system's processes and keeps its directory (until dropped).
+    pub fn kill(&mut self) {
         for (_, child) in &mut self.children {
             let _ = child.kill();
             let _ = child.wait();
@@ -231,10 +242,7 @@ impl System {
 
 impl Drop for System {
     fn drop(&mut self) {
-        for (_, child) in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.kill();
     }
 }
 

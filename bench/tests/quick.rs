@@ -101,6 +101,13 @@ fn quick_run_measures_every_system_and_writes_results() {
     assert!(store.iter().all(|p| u(&p["proof_http"], "failed") == 0 && u(&p["proof_http"], "count") == 200));
     assert!(store.iter().all(|p| f(p, "rss_mib") > 0.0 && f(p, "disk_bytes_per_msg") > 0.0));
 
+    // The retention phase: 100,000 messages against a horizon of 20,000;
+    // pruning must have started and kept up.
+    let retention = runs(&r, "retention");
+    assert_eq!(retention.last().map(|p| u(p, "sent")), Some(100_000), "{retention:?}");
+    assert!(u(&r, "retention_max_bytes") > 0);
+    assert!(retention.last().is_some_and(|p| u(p, "pruned") > 0), "nothing was pruned: {retention:?}");
+
     // Each target is reported, met or not.
     assert!(runs(&r, "targets").len() >= 9);
     let md = std::fs::read_to_string(out.path().join("results.md")).expect("results.md");

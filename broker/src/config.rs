@@ -21,6 +21,26 @@ pub struct Config {
     pub anchor: AnchorConfig,
     pub sidecar: SidecarConfig,
     pub topics: TopicsConfig,
+    pub retention: RetentionConfig,
+}
+
+/// `[retention]`: when old messages are deleted. Unset: never.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Delete a batch's messages this many days after it was sealed.
+    pub max_age_days: Option<u32>,
+    /// Delete the oldest batches' messages while the store uses more bytes.
+    pub max_bytes: Option<u64>,
+}
+
+impl RetentionConfig {
+    pub fn policy(&self) -> notary_plugin::retention::RetentionPolicy {
+        notary_plugin::retention::RetentionPolicy {
+            max_age_ms: self.max_age_days.map(|d| u64::from(d) * 86_400_000),
+            max_bytes: self.max_bytes,
+        }
+    }
 }
 
 /// `[topics]`: the notary's own MQTT topic names.
@@ -345,6 +365,7 @@ impl Default for Config {
             anchor: AnchorConfig::default(),
             sidecar: SidecarConfig::default(),
             topics: TopicsConfig::default(),
+            retention: RetentionConfig::default(),
         }
     }
 }
@@ -451,6 +472,9 @@ impl Config {
         }
         if self.sidecar.username.is_some() != self.sidecar.password_file.is_some() {
             bail!("sidecar.username and sidecar.password_file go together");
+        }
+        if self.retention.max_age_days == Some(0) {
+            bail!("retention.max_age_days must be at least 1 (leave it out to keep messages for ever)");
         }
         Ok(())
     }

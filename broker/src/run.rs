@@ -251,6 +251,7 @@ fn serve(cfg: Config, source: Source, new_log: bool) -> anyhow::Result<Shutdown>
         devices: cfg.devices.policy(),
         answer_only_holders: matches!(source, Source::Upstream(_)) && !cfg.sidecar.group.is_empty(),
         stall_ms: cfg.ingest.stall_ms,
+        retention: cfg.retention.policy(),
         evm: match &cfg.anchor.evm {
             Some(evm) => {
                 let c = evm.anchor_config()?;

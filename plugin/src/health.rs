@@ -24,18 +24,20 @@ pub enum Part {
     Anchor,
     Evm,
     Proofs,
+    Retention,
     Source,
     MqttListener,
     HttpListener,
 }
 
 impl Part {
-    pub const ALL: [Part; 8] = [
+    pub const ALL: [Part; 9] = [
         Part::Ingest,
         Part::Sealer,
         Part::Anchor,
         Part::Evm,
         Part::Proofs,
+        Part::Retention,
         Part::Source,
         Part::MqttListener,
         Part::HttpListener,
@@ -48,6 +50,7 @@ impl Part {
             Part::Anchor => "anchor",
             Part::Evm => "evm",
             Part::Proofs => "proofs",
+            Part::Retention => "retention",
             Part::Source => "source",
             Part::MqttListener => "mqtt_listener",
             Part::HttpListener => "http_listener",

@@ -184,6 +184,9 @@ async fn proofs(State(api): State<Api>, Path(digest): Path<String>) -> Response 
         Ok(Ok(ProofAnswer::Unknown)) => {
             error(StatusCode::NOT_FOUND, "not_found", "no message with this digest was notarized")
         }
+        Ok(Ok(ProofAnswer::Pruned { batch })) => {
+            (StatusCode::GONE, Json(json!({"status": "pruned", "batch": batch}))).into_response()
+        }
         Ok(Err(e)) => failed(e),
         Err(r) => r,
     }

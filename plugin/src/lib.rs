@@ -25,6 +25,7 @@ pub mod mqtt_api;
 pub mod proofs;
 pub mod reason;
 pub mod registry;
+pub mod retention;
 mod sealer;
 pub mod sidecar;
 pub mod source;
@@ -51,8 +52,12 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use store::{Store, StoreError};
 
-/// Threads answering MQTT proof requests.
-const PROOF_WORKERS: usize = 2;
+/// Read connections of the proof service, and threads answering MQTT proof
+/// requests: one per core, from 2 to 16. Lookups on different connections
+/// run in parallel (WAL readers never wait for each other or the writer).
+fn proof_readers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 16)
+}
 /// MQTT proof requests waiting for a worker.
 const PROOF_QUEUE: usize = 1024;
 
@@ -70,6 +75,8 @@ pub struct PipelineConfig {
     /// How long a failure or a stalled queue lasts before `/healthz`
     /// reports it.
     pub stall_ms: u64,
+    /// When old messages are deleted (`[retention]`); unset keeps all.
+    pub retention: retention::RetentionPolicy,
 }
 
 /// The channels a pipeline reads; created before the source so the source
@@ -106,6 +113,9 @@ pub struct Pipeline {
     /// Dropped at shutdown to stop the EVM anchorer.
     evm_stop: Option<SyncSender<()>>,
     evm_thread: Option<JoinHandle<()>>,
+    /// Dropped at shutdown to stop the pruner.
+    prune_stop: Option<SyncSender<()>>,
+    prune_thread: Option<JoinHandle<()>>,
     /// Dropped at shutdown, after the writers, to stop the WAL checkpointer.
     wal_stop: Option<SyncSender<()>>,
     wal_thread: Option<JoinHandle<()>>,
@@ -147,6 +157,7 @@ impl Pipeline {
         let ingest_store =
             Store::open_pipeline(&cfg.data_dir, Some(store::INGEST_CACHE_KIB), writer.clone())?;
         let next_seq = ingest_store.next_seq()?;
+        let ledgers: Vec<String> = anchors.iter().map(|a| a.name().to_owned()).collect();
         let sealer = sealer::Sealer {
             store: Store::open_pipeline(&cfg.data_dir, None, writer.clone())?,
             signer,
@@ -157,7 +168,8 @@ impl Pipeline {
             metrics: metrics.clone(),
         };
         let recovered = sealer.recover()?;
-        let proofs = Arc::new(ProofService::open(&cfg.data_dir, cfg.evm.is_some(), writer.clone())?);
+        let readers = proof_readers();
+        let proofs = Arc::new(ProofService::open(&cfg.data_dir, cfg.evm.is_some(), writer.clone(), readers)?);
         let (seal_tx, seal_rx): (SyncSender<_>, _) = sync_channel(64);
 
         let mut threads = Vec::new();
@@ -202,7 +214,7 @@ impl Pipeline {
         threads.push(spawn("notary-ingest", Part::Ingest, Box::new(move || judge.run(ingest_rx)))?);
         threads.push(spawn("notary-commit", Part::Ingest, Box::new(move || committer.run(commit_rx)))?);
         let proof_rx = Arc::new(Mutex::new(proof_rx));
-        for i in 0..PROOF_WORKERS {
+        for i in 0..readers {
             let (rx, p, o, m) = (proof_rx.clone(), proofs.clone(), outbox.clone(), metrics.clone());
             let holders_only = cfg.answer_only_holders;
             threads.push(spawn(
@@ -226,6 +238,22 @@ impl Pipeline {
             }
             None => (None, None),
         };
+        let (prune_stop, prune_thread) = if cfg.retention.is_set() {
+            let pruner = retention::Pruner {
+                store: Store::open_pipeline(&cfg.data_dir, None, writer.clone())?,
+                policy: cfg.retention,
+                ledgers,
+                evm: cfg.evm.is_some(),
+                metrics: metrics.clone(),
+            };
+            let (stop_tx, stop_rx) = sync_channel(1);
+            (
+                Some(stop_tx),
+                Some(spawn("notary-prune", Part::Retention, Box::new(move || pruner.run(stop_rx)))?),
+            )
+        } else {
+            (None, None)
+        };
         let wal_store = Store::open_pipeline(&cfg.data_dir, None, writer)?;
         let (wal_stop, wal_rx) = sync_channel(1);
         let wal_thread = spawn("notary-wal", Part::Sealer, Box::new(move || checkpoints(wal_store, wal_rx)))?;
@@ -236,6 +264,8 @@ impl Pipeline {
             threads,
             evm_stop,
             evm_thread,
+            prune_stop,
+            prune_thread,
             wal_stop: Some(wal_stop),
             wal_thread: Some(wal_thread),
             give_up,
@@ -253,7 +283,18 @@ impl Pipeline {
     pub fn shutdown(self, deadline: Duration) -> Shutdown {
         self.metrics.health.set_stopping();
         self.intake.close();
-        let Pipeline { metrics, threads, evm_stop, evm_thread, wal_stop, wal_thread, give_up, .. } = self;
+        let Pipeline {
+            metrics,
+            threads,
+            evm_stop,
+            evm_thread,
+            prune_stop,
+            prune_thread,
+            wal_stop,
+            wal_thread,
+            give_up,
+            ..
+        } = self;
         let (done_tx, done_rx) = sync_channel::<()>(1);
         let joiner = std::thread::Builder::new().name("notary-stop".into()).spawn(move || {
             for t in threads {
@@ -261,6 +302,10 @@ impl Pipeline {
             }
             drop(evm_stop);
             if let Some(t) = evm_thread {
+                let _ = t.join();
+            }
+            drop(prune_stop);
+            if let Some(t) = prune_thread {
                 let _ = t.join();
             }
             drop(wal_stop);

@@ -72,6 +72,12 @@ metrics! {
     mqtt_own_topic_refused_total: "counter", "Embedded broker: client publishes, wills and subscriptions refused because they name a topic of the notary's own (other than the proof request topic) or could match another client's inbox.";
     mqtt_acl_denied_total: "counter", "Embedded broker: client publishes and wills refused by the ACL file (never notarized).";
     mqtt_acl_filtered_total: "counter", "Embedded broker: deliveries withheld from a subscriber the ACL file does not let read the topic.";
+    pruned_leaves_total: "counter", "Retention: leaves deleted (their batches, checkpoints and receipts stay).";
+    pruned_rejections_total: "counter", "Retention: rejection records deleted.";
+    pruned_batches: "gauge", "Retention: batches whose leaves are pruned (batches 0 .. this).";
+    pruned_seq: "gauge", "Retention: every leaf below this sequence number is pruned (registry leaves are kept).";
+    store_used_bytes: "gauge", "Bytes of the store file in use (free pages left by pruning are reused, not returned).";
+    retention_blocked: "gauge", "Retention: 1 while the oldest batch is due for pruning but not yet anchored in every ledger (pruning waits).";
     outbox_dropped_total: "counter", "Outgoing publishes dropped because the outbox was full.";
     source_connected: "gauge", "Sidecar: 1 while connected to the upstream broker.";
     source_disconnects_total: "counter", "Sidecar: times the connection to the upstream broker was lost.";

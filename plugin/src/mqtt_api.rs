@@ -116,6 +116,7 @@ pub fn answer(
         Ok(ProofAnswer::Pending) => json!({"id": id, "status": "pending"}),
         Ok(ProofAnswer::Rejected(r)) => json!({"id": id, "status": "rejected", "rejections": r}),
         Ok(ProofAnswer::Unknown) => error(&id, "not_found", "no message with this digest was notarized"),
+        Ok(ProofAnswer::Pruned { batch }) => json!({"id": id, "status": "pruned", "batch": batch}),
         Err(e) => {
             tracing::error!(error = %e, "proof lookup failed");
             error(&id, e.code(), "proof lookup failed")

@@ -6,7 +6,7 @@ use notary_proof::{
     BatchRecord, KeyEvidence, LaterAnchor, LeafProof, LeafRecord, ProofBundle, BUNDLE_FORMAT,
 };
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 
 /// Most bundles in one answer: a payload such as `ON` may be notarized
 /// millions of times, and one request must not build them all.
@@ -21,10 +21,13 @@ pub enum ProofAnswer {
     Rejected(Vec<Rejection>),
     /// No leaf has this digest.
     Unknown,
+    /// Notarized, and deleted since by retention; `batch` held it (the
+    /// newest batch that did, when the payload was notarized more than once).
+    Pruned { batch: u64 },
 }
 
 pub struct ProofService {
-    store: Mutex<Store>,
+    readers: Readers,
     /// An EVM chain is configured: bundles not yet covered by an EVM anchor
     /// list `evm` as pending.
     evm: bool,
@@ -47,6 +50,7 @@ impl ProofError {
     pub fn code(&self) -> &'static str {
         match self {
             ProofError::Store(StoreError::Corrupt(_)) => "store_damaged",
+            ProofError::Store(StoreError::Pruned { .. }) => "pruned",
             ProofError::Store(e) if e.fault() == crate::store::Fault::Damaged => "store_damaged",
             ProofError::BadRange(_) => "bad_request",
             _ => "internal",
@@ -55,28 +59,46 @@ impl ProofError {
 }
 
 impl ProofService {
-    /// The proof service of a running pipeline (`writer`: its write lock).
-    pub fn open(data_dir: &Path, evm: bool, writer: crate::store::WriteLock) -> Result<Self, StoreError> {
-        let store = Store::open_pipeline(data_dir, Some(crate::store::PROOFS_CACHE_KIB), writer)?;
-        Ok(ProofService { store: Mutex::new(store), evm })
+    /// The proof service of a running pipeline (`writer`: its write lock),
+    /// with `readers` read connections (at least one).
+    pub fn open(
+        data_dir: &Path,
+        evm: bool,
+        writer: crate::store::WriteLock,
+        readers: usize,
+    ) -> Result<Self, StoreError> {
+        let idle = (0..readers.max(1))
+            .map(|_| Store::open_pipeline(data_dir, Some(crate::store::PROOFS_CACHE_KIB), writer.clone()))
+            .collect::<Result<_, _>>()?;
+        Ok(ProofService { readers: Readers { idle: Mutex::new(idle), freed: Condvar::new() }, evm })
     }
 
-    fn store(&self) -> Result<std::sync::MutexGuard<'_, Store>, ProofError> {
-        self.store.lock().map_err(|_| ProofError::Poisoned)
+    /// Runs `f` on an idle read connection, inside one read transaction: it
+    /// sees one snapshot of the store, whatever ingest, the sealer or
+    /// retention commit meanwhile.
+    fn read<T>(&self, f: impl FnOnce(&Store) -> Result<T, ProofError>) -> Result<T, ProofError> {
+        let reader = self.readers.take()?;
+        reader.store()?.snapshot(|s| f(s))
     }
 
     pub fn lookup(&self, digest: &[u8; 32]) -> Result<ProofAnswer, ProofError> {
-        let store = self.store()?;
+        self.read(|store| self.lookup_in(store, digest))
+    }
+
+    fn lookup_in(&self, store: &Store, digest: &[u8; 32]) -> Result<ProofAnswer, ProofError> {
         let leaves = store.leaves_by_digest(digest, MAX_BUNDLES)?;
         if leaves.is_empty() {
             let rejections = store.rejections_by_digest(digest, MAX_BUNDLES)?;
-            return Ok(if rejections.is_empty() {
-                ProofAnswer::Unknown
-            } else {
-                ProofAnswer::Rejected(rejections)
+            if !rejections.is_empty() {
+                return Ok(ProofAnswer::Rejected(rejections));
+            }
+            return Ok(match store.pruned_batch(digest)? {
+                Some(batch) => ProofAnswer::Pruned { batch },
+                None => ProofAnswer::Unknown,
             });
         }
         let mut bundles = Vec::new();
+        let mut pruned = None;
         for leaf in leaves {
             let Some(batch) = store.batch_of(leaf.seq)? else { continue };
             let size = batch.number + 1;
@@ -99,8 +121,16 @@ impl ProofService {
                 None if self.evm => pending_ledgers.push("evm".to_owned()),
                 None => {}
             }
-            let device_key = key_evidence(&store, &leaf.record, &batch)?;
-            let p = leaf_proof(&store, leaf.seq, leaf.record, &batch, size)?;
+            let device_key = key_evidence(store, &leaf.record, &batch)?;
+            let p = match leaf_proof(store, leaf.seq, leaf.record, &batch, size) {
+                // Its batch is being pruned (the leaf is among the next to
+                // go): no path can be built any more.
+                Err(StoreError::Pruned { batch }) => {
+                    pruned = Some(batch);
+                    continue;
+                }
+                p => p?,
+            };
             bundles.push(ProofBundle {
                 format: BUNDLE_FORMAT.to_owned(),
                 leaf: p.leaf,
@@ -115,17 +145,24 @@ impl ProofService {
                 device_key,
             });
         }
-        Ok(if bundles.is_empty() { ProofAnswer::Pending } else { ProofAnswer::Ready(bundles) })
+        Ok(match pruned {
+            _ if !bundles.is_empty() => ProofAnswer::Ready(bundles),
+            Some(batch) => ProofAnswer::Pruned { batch },
+            None => ProofAnswer::Pending,
+        })
     }
 
     /// The newest signed checkpoint note.
     pub fn latest_checkpoint(&self) -> Result<Option<(u64, String)>, ProofError> {
-        Ok(self.store()?.latest_checkpoint()?)
+        self.read(|store| Ok(store.latest_checkpoint()?))
     }
 
     /// RFC 9162 consistency proof between two log sizes, with both notes.
     pub fn consistency(&self, from: u64, to: u64) -> Result<Consistency, ProofError> {
-        let store = self.store()?;
+        self.read(|store| Self::consistency_in(store, from, to))
+    }
+
+    fn consistency_in(store: &Store, from: u64, to: u64) -> Result<Consistency, ProofError> {
         let size = store.log_size()?;
         if from == 0 || from > to || to > size {
             return Err(ProofError::BadRange(format!("need 1 <= from <= to <= {size} (the log size)")));
@@ -140,6 +177,46 @@ impl ProofService {
             to_checkpoint: note(to)?,
             proof: store.log_consistency(from, to)?,
         })
+    }
+}
+
+/// The proof service's read connections: a lookup takes an idle one, or
+/// waits for one to be put back.
+struct Readers {
+    idle: Mutex<Vec<Store>>,
+    freed: Condvar,
+}
+
+impl Readers {
+    fn take(&self) -> Result<Reader<'_>, ProofError> {
+        let mut idle = self.idle.lock().map_err(|_| ProofError::Poisoned)?;
+        loop {
+            if let Some(store) = idle.pop() {
+                return Ok(Reader { pool: self, store: Some(store) });
+            }
+            idle = self.freed.wait(idle).map_err(|_| ProofError::Poisoned)?;
+        }
+    }
+}
+
+/// A read connection taken from [`Readers`]; put back when dropped.
+struct Reader<'a> {
+    pool: &'a Readers,
+    store: Option<Store>,
+}
+
+impl Reader<'_> {
+    fn store(&self) -> Result<&Store, ProofError> {
+        self.store.as_ref().ok_or(ProofError::Poisoned)
+    }
+}
+
+impl Drop for Reader<'_> {
+    fn drop(&mut self) {
+        if let (Some(store), Ok(mut idle)) = (self.store.take(), self.pool.idle.lock()) {
+            idle.push(store);
+            self.pool.freed.notify_one();
+        }
     }
 }
 

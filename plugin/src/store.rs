@@ -7,16 +7,22 @@
 //! Leaves are committed with `synchronous=FULL`: once `append_leaves`
 //! returns, they survive a crash of the process or the host.
 
-use notary_proof::tree::{self, NodeSource};
-use notary_proof::{BatchRecord, Hash, Receipt, RegistryAction, RegistryEvent};
-use rusqlite::{params, Connection, OptionalExtension};
-
-mod int;
-pub use int::U64;
+use notary_proof::Hash;
+use rusqlite::Connection;
 use std::path::Path;
 
 mod evm;
+mod int;
+mod leaves;
+mod log;
+mod registry;
+mod retention;
 pub use evm::{EvmAnchorRow, EvmAnchorState};
+pub use int::U64;
+pub use leaves::{Commit, Rejection, StoredLeaf};
+pub use log::SealedBatch;
+pub use registry::{DeviceCommand, DeviceRow, RegistryChange};
+pub use retention::{PruneStep, Pruned, StoreSize, PRUNE_STEP, TOMBSTONES_KEPT_MIN};
 
 pub const STORE_FILE: &str = "notary.sqlite";
 /// Batch-tree nodes are stored from this level up (subtrees of 64 leaves);
@@ -25,7 +31,9 @@ pub const STORE_FILE: &str = "notary.sqlite";
 pub const BATCH_NODE_MIN_LEVEL: u32 = 6;
 
 /// The version of [`SCHEMA`], kept in the file as `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 1;
+/// Version 2 added retention's tables (`pruned_digests`, `retention`); a
+/// version 1 file is upgraded in place by creating them.
+pub const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS leaves (
@@ -124,7 +132,18 @@ CREATE TABLE IF NOT EXISTS evm_anchors (
     reorgs        INTEGER NOT NULL DEFAULT 0,
     outcome       TEXT
 );
-CREATE INDEX IF NOT EXISTS evm_anchors_by_size ON evm_anchors(size);";
+CREATE INDEX IF NOT EXISTS evm_anchors_by_size ON evm_anchors(size);
+CREATE TABLE IF NOT EXISTS pruned_digests (
+    prefix BLOB PRIMARY KEY,
+    batch  INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS retention (
+    id      INTEGER PRIMARY KEY CHECK (id = 0),
+    batches INTEGER NOT NULL,
+    seq     INTEGER NOT NULL,
+    leaves  INTEGER NOT NULL,
+    slice   INTEGER NOT NULL
+);";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -132,6 +151,9 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
     #[error("store is corrupt: {0}")]
     Corrupt(String),
+    /// Retention deleted what was asked for; `batch` held it.
+    #[error("pruned by retention (batch {batch})")]
+    Pruned { batch: u64 },
 }
 
 /// What a failed write means for what was being written.
@@ -151,6 +173,7 @@ impl StoreError {
         use rusqlite::ErrorCode as C;
         match self {
             StoreError::Corrupt(_) => Fault::Damaged,
+            StoreError::Pruned { .. } => Fault::Permanent,
             StoreError::Sql(rusqlite::Error::SqliteFailure(e, _)) => match e.code {
                 C::ConstraintViolation | C::TooBig | C::TypeMismatch => Fault::Permanent,
                 C::DatabaseCorrupt | C::NotADatabase => Fault::Damaged,
@@ -183,112 +206,31 @@ fn write_lock(lock: &Option<WriteLock>) -> Option<std::sync::MutexGuard<'_, ()>>
     lock.as_ref().map(|l| l.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
 }
 
-/// A leaf as persisted: sequence number, BLAKE3 payload digest, record bytes.
-/// A batch ready to store (see [`Store::seal`]).
-pub struct SealedBatch {
-    pub batch: BatchRecord,
-    /// Upper nodes of the batch tree: (level, index, hash).
-    pub batch_nodes: Vec<(u32, u64, Hash)>,
-    /// Log nodes the batch's append completes.
-    pub log_nodes: Vec<(u32, u64, Hash)>,
-    /// The signed checkpoint of the log with this batch.
-    pub note: String,
-}
-
-pub struct StoredLeaf {
-    pub seq: u64,
-    pub digest: [u8; 32],
-    pub record: Vec<u8>,
-}
-
-/// A device as the registry holds it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceRow {
-    pub id: String,
-    /// The current key; `None` once revoked.
-    pub public_key: Option<[u8; 32]>,
-    /// The registry leaf that put the current key in place.
-    pub key_seq: Option<u64>,
-    /// The device's latest registry leaf.
-    pub head_seq: u64,
-    /// The highest envelope counter accepted from the device.
-    pub last_counter: Option<u64>,
-}
-
-/// A registry change requested by the CLI or the enrolment file, applied
-/// by the running broker in order.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceCommand {
-    pub id: i64,
-    pub action: RegistryAction,
-    pub device: String,
-    pub public_key: Option<[u8; 32]>,
-    pub source: String,
-    pub requested_at_ms: u64,
-    /// Set once applied: the sequence number of its registry leaf.
-    pub applied_seq: Option<u64>,
-    /// Set if the broker refused it.
-    pub error: Option<String>,
-}
-
-/// A message that was received and not notarized, and why.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Rejection {
-    pub received_at_ms: u64,
-    pub topic: String,
-    #[serde(serialize_with = "hex_digest")]
-    pub digest: [u8; 32],
-    pub payload_len: u64,
-    /// Why (docs/PROTOCOL.md §Rejections).
-    pub reason: crate::reason::Reason,
-    pub detail: String,
-    pub device: Option<String>,
-}
-
-fn hex_digest<S: serde::Serializer>(d: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&hex::encode(d))
-}
-
-/// A registry leaf and the command it applies (none for start-up changes).
-pub struct RegistryChange {
-    pub seq: u64,
-    pub event: RegistryEvent,
-    pub command: Option<i64>,
-}
-
-/// Everything one ingest group changes, committed in one transaction.
-#[derive(Default)]
-pub struct Commit {
-    pub leaves: Vec<StoredLeaf>,
-    pub registry: Vec<RegistryChange>,
-    /// New highest counters: (device, counter).
-    pub counters: Vec<(String, u64)>,
-    pub rejections: Vec<Rejection>,
-    /// Commands the broker refused: (command id, reason).
-    pub refused: Vec<(i64, String)>,
-}
-
-impl Commit {
-    pub fn is_empty(&self) -> bool {
-        self.leaves.is_empty()
-            && self.registry.is_empty()
-            && self.counters.is_empty()
-            && self.rejections.is_empty()
-            && self.refused.is_empty()
+impl Store {
+    /// Runs `f` inside one read transaction: every query it makes sees the
+    /// same snapshot of the store, whatever other connections commit.
+    pub fn snapshot<T, E: From<StoreError>>(&self, f: impl FnOnce(&Store) -> Result<T, E>) -> Result<T, E> {
+        let tx = self.conn.unchecked_transaction().map_err(StoreError::from)?;
+        let out = f(self);
+        // Nothing was written: ending the transaction ends the snapshot.
+        drop(tx);
+        out
     }
-}
 
-fn action_from_str(s: &str) -> Result<RegistryAction, StoreError> {
-    match s {
-        "enrol" => Ok(RegistryAction::Enrol),
-        "rotate" => Ok(RegistryAction::Rotate),
-        "revoke" => Ok(RegistryAction::Revoke),
-        other => Err(StoreError::Corrupt(format!("unknown registry action {other:?}"))),
+    /// Runs `f` in one write transaction while holding the pipeline's write
+    /// lock. Every write of the store goes through here (the schema set-up
+    /// at open aside), so no writer can bypass the lock, and a write is
+    /// either wholly committed or not at all.
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let _w = write_lock(&self.writer);
+        let tx = self.conn.unchecked_transaction()?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
     }
-}
-
-fn key32(v: Option<Vec<u8>>) -> Result<Option<[u8; 32]>, StoreError> {
-    v.map(|k| k.try_into().map_err(|_| StoreError::Corrupt("key is not 32 bytes".into()))).transpose()
 }
 
 fn hash32(v: Vec<u8>) -> Result<Hash, StoreError> {
@@ -299,8 +241,9 @@ fn hash32(v: Vec<u8>) -> Result<Hash, StoreError> {
 /// inserts at random places; with SQLite's default 2 MiB cache nearly every
 /// insert evicts a page and reads another back (measured in bench/RESULTS.md).
 pub const INGEST_CACHE_KIB: i64 = 64 * 1024;
-/// Page cache of the proof service's connection (KiB).
-pub const PROOFS_CACHE_KIB: i64 = 16 * 1024;
+/// Page cache of each of the proof service's read connections (KiB); the
+/// operating system's page cache serves what they miss.
+pub const PROOFS_CACHE_KIB: i64 = 8 * 1024;
 
 impl Store {
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
@@ -311,10 +254,12 @@ impl Store {
         conn.execute_batch(SCHEMA)?;
         // The schema's version, in the file's header (`PRAGMA user_version`):
         // 0 is a store from before versions were recorded, whose schema is
-        // version 1; a newer version is refused rather than misread.
+        // version 1; an older version gains the tables `SCHEMA` just
+        // created; a newer version is refused rather than misread (an
+        // older build would take a pruned batch for a damaged one).
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         match version {
-            0 => conn.pragma_update(None, "user_version", SCHEMA_VERSION)?,
+            0 | 1 => conn.pragma_update(None, "user_version", SCHEMA_VERSION)?,
             SCHEMA_VERSION => {}
             v => {
                 return Err(StoreError::Corrupt(format!(
@@ -367,524 +312,14 @@ impl Store {
         }
         Ok(frames)
     }
-
-    /// The next unused sequence number.
-    pub fn next_seq(&self) -> Result<u64, StoreError> {
-        let max: Option<U64> = self.conn.query_row("SELECT MAX(seq) FROM leaves", [], |r| r.get(0))?;
-        Ok(max.map_or(0, |m| m.0 + 1))
-    }
-
-    /// Persists leaves in one transaction (group commit).
-    pub fn append_leaves(&mut self, leaves: &[StoredLeaf]) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
-        insert_leaves(&tx, leaves)?;
-        tx.commit()?;
-        Ok(())
-    }
-
-    /// Persists one ingest group atomically: leaves, registry changes,
-    /// counters, rejections and refused commands. A crash leaves either all
-    /// of it or none, so counters never run ahead of the leaves they guard.
-    pub fn commit(&mut self, c: &Commit) -> Result<(), StoreError> {
-        let _w = write_lock(&self.writer);
-        let tx = self.conn.transaction()?;
-        insert_leaves(&tx, &c.leaves)?;
-        for r in &c.registry {
-            let e = &r.event;
-            let prev = (e.prev_seq != notary_proof::device::NO_PREV).then_some(U64(e.prev_seq));
-            tx.prepare_cached(
-                "INSERT INTO registry_events (seq, device, action, prev_seq) VALUES (?1, ?2, ?3, ?4)",
-            )?
-            .execute(params![U64(r.seq), e.device_id, e.action.as_str(), prev])?;
-            let (key, key_seq) = match e.action {
-                RegistryAction::Revoke => (None, None),
-                _ => (Some(&e.public_key[..]), Some(U64(r.seq))),
-            };
-            tx.prepare_cached(
-                "INSERT INTO devices (id, public_key, key_seq, head_seq) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT(id) DO UPDATE SET public_key = ?2, key_seq = ?3, head_seq = ?4",
-            )?
-            .execute(params![e.device_id, key, key_seq, U64(r.seq)])?;
-            if let Some(id) = r.command {
-                tx.prepare_cached("UPDATE device_commands SET applied_seq = ?2 WHERE id = ?1")?
-                    .execute(params![id, U64(r.seq)])?;
-            }
-        }
-        for (device, counter) in &c.counters {
-            tx.prepare_cached("UPDATE devices SET last_counter = ?2 WHERE id = ?1")?
-                .execute(params![device, U64(*counter)])?;
-        }
-        for r in &c.rejections {
-            tx.prepare_cached(
-                "INSERT INTO rejections (at_ms, topic, digest, payload_len, reason, detail, device)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?
-            .execute(params![
-                U64(r.received_at_ms),
-                r.topic,
-                &r.digest[..],
-                U64(r.payload_len),
-                r.reason.as_str(),
-                r.detail,
-                r.device
-            ])?;
-        }
-        for (id, error) in &c.refused {
-            tx.prepare_cached("UPDATE device_commands SET error = ?2 WHERE id = ?1")?
-                .execute(params![id, error])?;
-        }
-        tx.commit()?;
-        Ok(())
-    }
-
-    /// Every device the registry knows, by id.
-    pub fn devices(&self) -> Result<Vec<DeviceRow>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT id, public_key, key_seq, head_seq, last_counter FROM devices ORDER BY id")?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get(1)?,
-                r.get::<_, Option<U64>>(2)?,
-                r.get::<_, U64>(3)?,
-                r.get::<_, Option<U64>>(4)?,
-            ))
-        })?;
-        rows.map(|row| {
-            let (id, key, key_seq, head_seq, last_counter) = row?;
-            Ok(DeviceRow {
-                id,
-                public_key: key32(key)?,
-                key_seq: key_seq.map(|v| v.0),
-                head_seq: head_seq.0,
-                last_counter: last_counter.map(|v| v.0),
-            })
-        })
-        .collect()
-    }
-
-    /// Queues a registry change for the broker to apply; returns its id.
-    pub fn queue_command(
-        &self,
-        action: RegistryAction,
-        device: &str,
-        public_key: Option<[u8; 32]>,
-        source: &str,
-        now_ms: u64,
-    ) -> Result<i64, StoreError> {
-        self.conn.execute(
-            "INSERT INTO device_commands (action, device, public_key, source, requested_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![action.as_str(), device, public_key.as_ref().map(|k| &k[..]), source, U64(now_ms)],
-        )?;
-        Ok(self.conn.last_insert_rowid())
-    }
-
-    /// Commands not applied or refused yet, oldest first; with `all`, every
-    /// command ever queued.
-    pub fn commands(&self, all: bool) -> Result<Vec<DeviceCommand>, StoreError> {
-        let sql = if all {
-            "SELECT id, action, device, public_key, source, requested_at_ms, applied_seq, error
-             FROM device_commands ORDER BY id"
-        } else {
-            "SELECT id, action, device, public_key, source, requested_at_ms, applied_seq, error
-             FROM device_commands WHERE applied_seq IS NULL AND error IS NULL ORDER BY id"
-        };
-        let mut stmt = self.conn.prepare_cached(sql)?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, Option<Vec<u8>>>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, U64>(5)?.0,
-                r.get::<_, Option<U64>>(6)?.map(|v| v.0),
-                r.get::<_, Option<String>>(7)?,
-            ))
-        })?;
-        rows.map(|row| {
-            let (id, action, device, key, source, requested_at_ms, applied_seq, error) = row?;
-            Ok(DeviceCommand {
-                id,
-                action: action_from_str(&action)?,
-                device,
-                public_key: key32(key)?,
-                source,
-                requested_at_ms,
-                applied_seq,
-                error,
-            })
-        })
-        .collect()
-    }
-
-    /// The registry event of `device` that follows the one at `seq`, if it
-    /// lies before `before_seq`.
-    pub fn registry_successor(
-        &self,
-        device: &str,
-        seq: u64,
-        before_seq: u64,
-    ) -> Result<Option<u64>, StoreError> {
-        Ok(self
-            .conn
-            .prepare_cached(
-                "SELECT seq FROM registry_events WHERE device = ?1 AND prev_seq = ?2 AND seq < ?3",
-            )?
-            .query_row(params![device, U64(seq), int::bound(before_seq)], |r| r.get::<_, U64>(0))
-            .optional()?
-            .map(|v| v.0))
-    }
-
-    /// The leaf with this sequence number.
-    pub fn leaf(&self, seq: u64) -> Result<Option<StoredLeaf>, StoreError> {
-        Ok(self.leaves_in(seq, seq.saturating_add(1))?.pop())
-    }
-
-    /// The first `limit` rejections of payloads with this digest.
-    pub fn rejections_by_digest(
-        &self,
-        digest: &[u8; 32],
-        limit: usize,
-    ) -> Result<Vec<Rejection>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT at_ms, topic, payload_len, reason, detail, device FROM rejections
-             WHERE digest = ?1 ORDER BY id LIMIT ?2",
-        )?;
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = stmt.query_map(params![&digest[..], limit], |r| {
-            Ok((
-                r.get::<_, U64>(0)?.0,
-                r.get(1)?,
-                r.get::<_, U64>(2)?.0,
-                r.get::<_, String>(3)?,
-                r.get(4)?,
-                r.get(5)?,
-            ))
-        })?;
-        rows.map(|row| {
-            let (received_at_ms, topic, payload_len, reason, detail, device) = row?;
-            Ok(Rejection {
-                received_at_ms,
-                topic,
-                digest: *digest,
-                payload_len,
-                reason: crate::reason::Reason::from_wire(&reason)
-                    .ok_or_else(|| StoreError::Corrupt(format!("unknown rejection reason {reason:?}")))?,
-                detail,
-                device,
-            })
-        })
-        .collect()
-    }
-
-    pub fn record_gap(&self, at_ms: u64, missed: u64, after_seq: u64) -> Result<(), StoreError> {
-        self.conn.execute(
-            "INSERT INTO gaps (at_ms, missed, after_seq) VALUES (?1, ?2, ?3)",
-            params![U64(at_ms), U64(missed), U64(after_seq)],
-        )?;
-        Ok(())
-    }
-
-    /// Records a window in which the source could not receive messages
-    /// (the sidecar was disconnected or not running).
-    pub fn record_outage(&self, from_ms: u64, to_ms: u64, after_seq: u64) -> Result<(), StoreError> {
-        self.conn.execute(
-            "INSERT INTO source_outages (from_ms, to_ms, after_seq) VALUES (?1, ?2, ?3)",
-            params![U64(from_ms), U64(to_ms), U64(after_seq)],
-        )?;
-        Ok(())
-    }
-
-    /// Every recorded outage: (from_ms, to_ms, after_seq), oldest first.
-    pub fn outages(&self) -> Result<Vec<(u64, u64, u64)>, StoreError> {
-        let mut stmt =
-            self.conn.prepare("SELECT from_ms, to_ms, after_seq FROM source_outages ORDER BY id")?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, U64>(0)?.0, r.get::<_, U64>(1)?.0, r.get::<_, U64>(2)?.0)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// The last sealed batch, if any.
-    pub fn last_batch(&self) -> Result<Option<BatchRecord>, StoreError> {
-        self.conn
-            .query_row("SELECT record FROM batches ORDER BY number DESC LIMIT 1", [], |r| {
-                r.get::<_, Vec<u8>>(0)
-            })
-            .optional()?
-            .map(|b| decode_batch(&b))
-            .transpose()
-    }
-
-    /// Leaves from `from_seq` on, in order.
-    pub fn leaves_from(&self, from_seq: u64) -> Result<Vec<StoredLeaf>, StoreError> {
-        self.leaves_in(from_seq, u64::MAX)
-    }
-
-    /// Leaves with `from <= seq < to`, in order.
-    pub fn leaves_in(&self, from: u64, to: u64) -> Result<Vec<StoredLeaf>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, digest, record FROM leaves WHERE seq >= ?1 AND seq < ?2 ORDER BY seq",
-        )?;
-        let rows = stmt.query_map(params![int::bound(from), int::bound(to)], |r| {
-            Ok((r.get::<_, U64>(0)?.0, r.get::<_, Vec<u8>>(1)?, r.get::<_, Vec<u8>>(2)?))
-        })?;
-        rows.map(|row| {
-            let (seq, digest, record) = row?;
-            Ok(StoredLeaf { seq, digest: hash32(digest)?, record })
-        })
-        .collect()
-    }
-
-    /// Stores a sealed batch, its tree nodes (levels >= `BATCH_NODE_MIN_LEVEL`),
-    /// its new log nodes and its checkpoint atomically.
-    /// Stores sealed batches, oldest first, in one transaction: each
-    /// batch record, its upper batch-tree nodes, the log nodes its append
-    /// completes, and its signed checkpoint.
-    pub fn seal(&mut self, batches: &[SealedBatch]) -> Result<(), StoreError> {
-        let _w = write_lock(&self.writer);
-        let tx = self.conn.transaction()?;
-        for s in batches {
-            let batch = &s.batch;
-            tx.prepare_cached(
-                "INSERT INTO batches (number, first_seq, size, record) VALUES (?1, ?2, ?3, ?4)",
-            )?
-            .execute(params![
-                U64(batch.number),
-                U64(batch.first_seq),
-                U64(batch.size),
-                batch.encode()
-            ])?;
-            let mut stmt = tx.prepare_cached(
-                "INSERT INTO batch_nodes (batch, level, idx, hash) VALUES (?1, ?2, ?3, ?4)",
-            )?;
-            for (level, idx, hash) in &s.batch_nodes {
-                stmt.execute(params![U64(batch.number), level, U64(*idx), &hash[..]])?;
-            }
-            let mut stmt =
-                tx.prepare_cached("INSERT INTO log_nodes (level, idx, hash) VALUES (?1, ?2, ?3)")?;
-            for (level, idx, hash) in &s.log_nodes {
-                stmt.execute(params![level, U64(*idx), &hash[..]])?;
-            }
-            tx.prepare_cached("INSERT INTO checkpoints (size, note) VALUES (?1, ?2)")?
-                .execute(params![U64(batch.number.wrapping_add(1)), s.note])?;
-        }
-        tx.commit()?;
-        Ok(())
-    }
-
-    /// Stores anchor receipts, (checkpoint size, ledger, receipt), in one
-    /// transaction.
-    pub fn put_receipts(&self, receipts: &[(u64, &str, Receipt)]) -> Result<(), StoreError> {
-        if receipts.is_empty() {
-            return Ok(());
-        }
-        let _w = write_lock(&self.writer);
-        let tx = self.conn.unchecked_transaction()?;
-        for (size, ledger, receipt) in receipts {
-            let json = serde_json::to_string(receipt).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            tx.prepare_cached("INSERT OR REPLACE INTO receipts (size, ledger, receipt) VALUES (?1, ?2, ?3)")?
-                .execute(params![U64(*size), ledger, json])?;
-        }
-        tx.commit()?;
-        Ok(())
-    }
-
-    /// Checkpoints that `ledger` has not anchored yet, oldest first.
-    pub fn unanchored(&self, ledger: &str) -> Result<Vec<(u64, String)>, StoreError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT c.size, c.note FROM checkpoints c
-             WHERE NOT EXISTS (SELECT 1 FROM receipts r WHERE r.size = c.size AND r.ledger = ?1)
-             ORDER BY c.size",
-        )?;
-        let rows = stmt.query_map([ledger], |r| Ok((r.get::<_, U64>(0)?.0, r.get(1)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// The first `limit` leaves with this payload digest, in sequence order.
-    pub fn leaves_by_digest(&self, digest: &[u8; 32], limit: usize) -> Result<Vec<StoredLeaf>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT seq, record FROM leaves WHERE digest = ?1 ORDER BY seq LIMIT ?2")?;
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = stmt.query_map(params![&digest[..], limit], |r| {
-            Ok((r.get::<_, U64>(0)?.0, r.get::<_, Vec<u8>>(1)?))
-        })?;
-        rows.map(|row| {
-            let (seq, record) = row?;
-            Ok(StoredLeaf { seq, digest: *digest, record })
-        })
-        .collect()
-    }
-
-    /// The sealed batch holding `seq`, if it is sealed.
-    pub fn batch_of(&self, seq: u64) -> Result<Option<BatchRecord>, StoreError> {
-        let rec: Option<Vec<u8>> = self
-            .conn
-            .prepare_cached(
-                "SELECT record FROM batches WHERE first_seq <= ?1 ORDER BY first_seq DESC LIMIT 1",
-            )?
-            .query_row([int::bound(seq)], |r| r.get(0))
-            .optional()?;
-        match rec {
-            Some(b) => {
-                let batch = decode_batch(&b)?;
-                Ok((seq < batch.first_seq + batch.size).then_some(batch))
-            }
-            None => Ok(None),
-        }
-    }
-
-    pub fn checkpoint(&self, size: u64) -> Result<Option<String>, StoreError> {
-        Ok(self
-            .conn
-            .prepare_cached("SELECT note FROM checkpoints WHERE size = ?1")?
-            .query_row([U64(size)], |r| r.get(0))
-            .optional()?)
-    }
-
-    /// The newest checkpoint: (size, note).
-    pub fn latest_checkpoint(&self) -> Result<Option<(u64, String)>, StoreError> {
-        Ok(self
-            .conn
-            .query_row("SELECT size, note FROM checkpoints ORDER BY size DESC LIMIT 1", [], |r| {
-                Ok((r.get::<_, U64>(0)?.0, r.get(1)?))
-            })
-            .optional()?)
-    }
-
-    pub fn receipts(&self, size: u64) -> Result<Vec<Receipt>, StoreError> {
-        let mut stmt =
-            self.conn.prepare_cached("SELECT receipt FROM receipts WHERE size = ?1 ORDER BY ledger")?;
-        let rows = stmt.query_map([U64(size)], |r| r.get::<_, String>(0))?;
-        rows.map(|json| {
-            serde_json::from_str(&json?).map_err(|e| StoreError::Corrupt(format!("receipt: {e}")))
-        })
-        .collect()
-    }
-
-    /// The log size: the number of sealed batches.
-    pub fn log_size(&self) -> Result<u64, StoreError> {
-        Ok(self.last_batch()?.map_or(0, |b| b.number + 1))
-    }
-
-    /// RFC 9162 inclusion path of batch `index` in the log at `size`.
-    pub fn log_inclusion(&self, index: u64, size: u64) -> Result<Vec<Hash>, StoreError> {
-        tree::inclusion_proof(&mut Nodes(self), index, size)
-    }
-
-    /// RFC 9162 consistency proof between two log sizes.
-    pub fn log_consistency(&self, old: u64, new: u64) -> Result<Vec<Hash>, StoreError> {
-        tree::consistency_proof(&mut Nodes(self), old, new)
-    }
-
-    /// The log root at `size` (>= 1).
-    pub fn log_root(&self, size: u64) -> Result<Hash, StoreError> {
-        tree::root(&mut Nodes(self), size)
-    }
-
-    /// Computes the log nodes completed by appending a batch at `index`.
-    pub fn nodes_after_append(&self, index: u64, leaf: Hash) -> Result<Vec<(u32, u64, Hash)>, StoreError> {
-        tree::perfect_nodes_after_append(index, leaf, |level, idx| Nodes(self).node(level, idx))
-    }
-}
-
-impl Store {
-    /// RFC 9162 inclusion path of leaf `index` in `batch`, from the stored
-    /// upper nodes and at most two 64-leaf ranges. Checked against the batch
-    /// root before it is returned, so a damaged store never serves a bad path.
-    pub fn batch_path(&self, batch: &BatchRecord, index: u64) -> Result<Vec<Hash>, StoreError> {
-        let mut src = BatchNodes { store: self, batch, chunks: Vec::new() };
-        let path = tree::inclusion_proof(&mut src, index, batch.size)?;
-        let leaf = src.node(0, index)?;
-        tree::verify_inclusion(index, batch.size, &leaf, &path, &batch.root)
-            .map_err(|_| StoreError::Corrupt(format!("batch {} does not match its root", batch.number)))?;
-        Ok(path)
-    }
-
-    /// A perfect-subtree node of the log.
-    pub fn log_node(&self, level: u32, index: u64) -> Result<Hash, StoreError> {
-        Nodes(self).node(level, index)
-    }
-}
-
-struct Nodes<'a>(&'a Store);
-
-impl NodeSource for Nodes<'_> {
-    type Error = StoreError;
-    fn node(&mut self, level: u32, index: u64) -> Result<Hash, StoreError> {
-        let hash: Option<Vec<u8>> = self
-            .0
-            .conn
-            .prepare_cached("SELECT hash FROM log_nodes WHERE level = ?1 AND idx = ?2")?
-            .query_row(params![level, U64(index)], |r| r.get(0))
-            .optional()?;
-        hash32(hash.ok_or_else(|| StoreError::Corrupt(format!("missing log node {level}/{index}")))?)
-    }
-}
-
-/// Nodes of one batch tree: stored ones from `BATCH_NODE_MIN_LEVEL` up,
-/// lower ones computed from the 64-leaf chunk that holds them.
-struct BatchNodes<'a> {
-    store: &'a Store,
-    batch: &'a BatchRecord,
-    chunks: Vec<(u64, tree::MemoryTree)>,
-}
-
-impl NodeSource for BatchNodes<'_> {
-    type Error = StoreError;
-    fn node(&mut self, level: u32, index: u64) -> Result<Hash, StoreError> {
-        if level >= BATCH_NODE_MIN_LEVEL {
-            let hash: Option<Vec<u8>> = self
-                .store
-                .conn
-                .prepare_cached("SELECT hash FROM batch_nodes WHERE batch = ?1 AND level = ?2 AND idx = ?3")?
-                .query_row(params![U64(self.batch.number), level, U64(index)], |r| r.get(0))
-                .optional()?;
-            let missing =
-                || StoreError::Corrupt(format!("missing batch node {}/{level}/{index}", self.batch.number));
-            return hash32(hash.ok_or_else(missing)?);
-        }
-        let chunk = (index << level) >> BATCH_NODE_MIN_LEVEL;
-        let pos = match self.chunks.iter().position(|(c, _)| *c == chunk) {
-            Some(p) => p,
-            None => {
-                let from = self.batch.first_seq + (chunk << BATCH_NODE_MIN_LEVEL);
-                let to = (from + (1 << BATCH_NODE_MIN_LEVEL)).min(self.batch.first_seq + self.batch.size);
-                let mut t = tree::MemoryTree::new();
-                for leaf in self.store.leaves_in(from, to)? {
-                    t.append(notary_proof::hash::leaf_hash(&leaf.record));
-                }
-                self.chunks.push((chunk, t));
-                self.chunks.len() - 1
-            }
-        };
-        let local = index - ((chunk << BATCH_NODE_MIN_LEVEL) >> level);
-        self.chunks[pos]
-            .1
-            .node(level, local)
-            .map_err(|_| StoreError::Corrupt(format!("batch {} is missing leaves", self.batch.number)))
-    }
-}
-
-fn insert_leaves(tx: &rusqlite::Transaction<'_>, leaves: &[StoredLeaf]) -> Result<(), StoreError> {
-    let mut stmt = tx.prepare_cached("INSERT INTO leaves (seq, digest, record) VALUES (?1, ?2, ?3)")?;
-    for l in leaves {
-        stmt.execute(params![U64(l.seq), &l.digest[..], &l.record])?;
-    }
-    Ok(())
-}
-
-fn decode_batch(bytes: &[u8]) -> Result<BatchRecord, StoreError> {
-    BatchRecord::decode(bytes).map_err(|e| StoreError::Corrupt(format!("batch record: {e}")))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use notary_proof::{BatchTree, LeafRecord};
+    use log::decode_batch;
+    use notary_proof::tree;
+    use notary_proof::{BatchRecord, BatchTree, LeafRecord};
 
     /// Leaves `from..from + n`, persisted, with their leaf hashes.
     fn persist_leaves(store: &mut Store, from: u64, n: u64) -> Vec<Hash> {
@@ -1100,5 +535,48 @@ mod tests {
         checkpointer.checkpoint_wal(10, past - 1).expect("checkpoint");
         assert_eq!(wal_bytes(), 0, "past the limit the WAL is truncated");
         assert_eq!(writer.next_seq().expect("seq"), 4002, "nothing lost");
+    }
+
+    /// Retention deletes a batch's leaves and payload index but keeps what
+    /// proofs need: registry leaves (with their paths), batch records, log
+    /// nodes and a tombstone naming the batch; sequence numbers never go back.
+    #[test]
+    fn pruning_keeps_the_log_and_registry_leaves_and_names_the_batch() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut store = Store::open(dir.path()).expect("store");
+        let sizes = [100u64, 64, 10];
+        let (mut seq, mut batches) = (0, Vec::new());
+        for (number, &size) in sizes.iter().enumerate() {
+            let hashes = persist_leaves(&mut store, seq, size);
+            batches.push(seal(&mut store, number as u64, seq, &hashes));
+            seq += size;
+        }
+        store
+            .conn
+            .execute("INSERT INTO registry_events (seq, device, action) VALUES (70, 'd', 'enrol')", [])
+            .expect("a registry leaf");
+        let digest = |s: u64| *blake3::hash(&s.to_be_bytes()).as_bytes();
+        let registry_path = store.batch_path(&batches[0], 70).expect("path");
+        let consistency = store.log_consistency(1, 3).expect("consistency");
+        let step = store.prune_step(&batches[0], 0).expect("prune");
+        assert_eq!(step, PruneStep { leaves: 99, rejections: 0, tombstones: 0, batch_done: true });
+        assert!(store.leaves_by_digest(&digest(5), 10).expect("lookup").is_empty());
+        assert_eq!(store.pruned_batch(&digest(5)).expect("tombstone"), Some(0));
+        assert_eq!(store.pruned_batch(&digest(150)).expect("tombstone"), None, "batch 1 is held");
+        assert_eq!(store.batch_path(&batches[0], 70).expect("registry leaf path"), registry_path);
+        assert!(matches!(store.batch_path(&batches[0], 5), Err(StoreError::Pruned { batch: 0 })));
+        assert_eq!(store.batch_path(&batches[1], 3).expect("held").len(), 6);
+        assert_eq!(store.log_consistency(1, 3).expect("consistency"), consistency);
+        assert!(store.prune_step(&batches[2], 0).is_err(), "batches are pruned in order");
+        store.prune_step(&batches[1], 0).expect("prune");
+        store.prune_step(&batches[2], 0).expect("prune");
+        assert_eq!(store.pruned().expect("state").batches, 3);
+        assert_eq!(store.next_seq().expect("next"), 174, "sequence numbers never go back");
+        assert_eq!(store.leaf(70).expect("read").map(|l| l.seq), Some(70));
+        // Nothing is held now: a full sweep drops every tombstone below batch 3.
+        for slice in 0..retention::TOMBSTONE_SLICES {
+            store.write(|tx| retention::trim_tombstones(tx, slice, 3)).expect("trim");
+        }
+        assert_eq!(store.pruned_batch(&digest(5)).expect("tombstone"), None);
     }
 }

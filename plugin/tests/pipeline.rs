@@ -73,6 +73,7 @@ fn config(dir: &std::path::Path) -> PipelineConfig {
         evm: None,
         answer_only_holders: false,
         stall_ms: 0,
+        retention: Default::default(),
     }
 }
 

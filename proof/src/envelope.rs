@@ -185,18 +185,19 @@ impl Envelope {
 
 /// A device's Ed25519 public key, and whether it lies in the prime-order
 /// subgroup in its canonical encoding: what an honest key always is, and
-/// what enrolment requires. Worked out once, when the key is loaded.
+/// what enrolment requires. Worked out on demand ([`DeviceKey::is_prime_order`]
+/// costs a scalar multiplication, about 60 µs): only enrolment asks, not every
+/// registry load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeviceKey {
     key: VerifyingKey,
-    prime_order: bool,
 }
 
 impl DeviceKey {
     /// Any key that decodes to a curve point; see [`DeviceKey::is_prime_order`].
     pub fn from_bytes(bytes: &[u8; 32]) -> Result<Self, ed25519_dalek::SignatureError> {
         let key = VerifyingKey::from_bytes(bytes)?;
-        Ok(DeviceKey { key, prime_order: prime_order_point(bytes) })
+        Ok(DeviceKey { key })
     }
 
     pub fn key(&self) -> &VerifyingKey {
@@ -210,7 +211,7 @@ impl DeviceKey {
     /// Canonically encoded, not of small order, and with no small-order
     /// component (torsion-free). Enrolment refuses any other key.
     pub fn is_prime_order(&self) -> bool {
-        self.prime_order
+        prime_order_point(self.key.as_bytes())
     }
 }
 

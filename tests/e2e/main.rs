@@ -15,6 +15,7 @@ mod listener;
 mod notarize;
 mod resilience;
 mod restart;
+mod retention;
 mod sidecar;
 mod support;
 mod tamper;

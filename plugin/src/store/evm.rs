@@ -124,7 +124,8 @@ impl Store {
     ) -> Result<i64, StoreError> {
         // Signing the same checkpoint at the same nonce and fees gives the
         // same transaction: an abandoned row for it is taken up again.
-        let id = self.conn.query_row(
+        self.write(|tx| {
+        Ok(tx.query_row(
             "INSERT INTO evm_anchors (size, chain_id, nonce, tx_hash, raw_tx, state, created_at_ms, updated_at_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, 'signed', ?6, ?6)
              ON CONFLICT(tx_hash) DO UPDATE SET state = 'signed', receipt = NULL, outcome = NULL,
@@ -132,8 +133,8 @@ impl Store {
              RETURNING id",
             params![U64(size), U64(chain_id), U64(nonce), &tx_hash[..], raw_tx, U64(now_ms)],
             |r| r.get(0),
-        )?;
-        Ok(id)
+        )?)
+        })
     }
 
     /// Moves a transaction to a new state, with its receipt while mined or
@@ -149,12 +150,14 @@ impl Store {
     ) -> Result<(), StoreError> {
         let receipt =
             receipt.map(serde_json::to_string).transpose().map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.conn.execute(
-            "UPDATE evm_anchors SET state = ?2, receipt = ?3, reorgs = reorgs + ?4,
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE evm_anchors SET state = ?2, receipt = ?3, reorgs = reorgs + ?4,
                  outcome = COALESCE(?5, outcome), updated_at_ms = ?6 WHERE id = ?1",
-            params![id, state.as_str(), receipt, i64::from(reorged), outcome, U64(now_ms)],
-        )?;
-        Ok(())
+                params![id, state.as_str(), receipt, i64::from(reorged), outcome, U64(now_ms)],
+            )?;
+            Ok(())
+        })
     }
 
     /// Transactions of `chain_id` still on their way: signed, sent or mined.
