@@ -41,6 +41,10 @@ struct Cli {
     /// Skip the scaling curves (publishers, payload size, store size).
     #[arg(long)]
     no_scaling: bool,
+    /// Messages of the retention phase (its horizon is a fifth of them);
+    /// 0 skips it. Default: 10,000,000 (quick: 100,000).
+    #[arg(long)]
+    retention: Option<u64>,
     /// Measure only these systems (comma-separated), e.g. `--only notary`.
     #[arg(long, value_delimiter = ',')]
     only: Vec<systems::Kind>,
@@ -109,7 +113,17 @@ fn main() -> ExitCode {
         }
         None => {
             let plan = if cli.quick { runner::Plan::quick() } else { runner::Plan::full() };
-            let plan = runner::Plan { scaling: plan.scaling && !cli.no_scaling, only: cli.only, ..plan };
+            let (retention_messages, retention_horizon) = match cli.retention {
+                Some(n) => (n, n / 5),
+                None => (plan.retention_messages, plan.retention_horizon),
+            };
+            let plan = runner::Plan {
+                scaling: plan.scaling && !cli.no_scaling,
+                only: cli.only,
+                retention_messages,
+                retention_horizon,
+                ..plan
+            };
             let dir = if cli.quick { "results-quick" } else { "results" };
             let out = cli.out.unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(dir));
             match runner::run(&plan, &out) {

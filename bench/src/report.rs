@@ -72,11 +72,12 @@ pub fn targets(r: &Results, max_batch_age_ms: u64) -> Vec<Target> {
         ratio >= 0.8,
     ));
     for l in &r.latency {
-        for (api, lat) in [("HTTP", &l.http), ("MQTT", &l.mqtt)] {
+        // MQTT adds the broker's routing of request and answer: 2 ms.
+        for (api, lat, bound) in [("HTTP", &l.http, 1.0), ("MQTT", &l.mqtt, 2.0)] {
             t.push(target(
-                format!("{}: proof request p99 over {api} <= 1 ms", l.system.label()),
+                format!("{}: proof request p99 over {api} <= {bound} ms", l.system.label()),
                 format!("{:.2} ms ({} requests, {} failed)", lat.p99_ms, lat.count, lat.failed),
-                lat.p99_ms <= 1.0 && lat.failed == 0 && lat.count > 0,
+                lat.p99_ms <= bound && lat.failed == 0 && lat.count > 0,
             ));
         }
         let bound = max_batch_age_ms as f64 + 50.0;

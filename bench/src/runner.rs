@@ -641,23 +641,29 @@ fn latency_run(
     })
 }
 
-/// Fills one notary's store to the last step, in chunks (QoS 1, closed
-/// loop), and at each step samples memory, disk and proof latency (HTTP,
-/// idle ingest, digests spread over everything stored).
-fn store_growth(rt: &tokio::runtime::Runtime, plan: &Plan, run: u32) -> anyhow::Result<Vec<StorePoint>> {
-    let Some(&last) = plan.store_steps.last() else { return Ok(Vec::new()) };
-    eprintln!("notary store growth to {last} messages");
-    let first = LoadSpec {
+/// Unsigned QoS 1 messages from `plan.publishers` connections, closed loop:
+/// the load that fills a store.
+fn qos1_load(plan: &Plan, run: u32, per_publisher: u64) -> LoadSpec {
+    LoadSpec {
         run,
         publishers: plan.publishers,
-        per_publisher: 0,
+        per_publisher,
         payload: plan.payload,
         qos: QoS::AtLeastOnce,
         rate: None,
         signed: false,
         invalid_every: None,
         sample_every: None,
-    };
+    }
+}
+
+/// Fills one notary's store to the last step, in chunks (QoS 1, closed
+/// loop), and at each step samples memory, disk and proof latency (HTTP,
+/// idle ingest, digests spread over everything stored).
+fn store_growth(rt: &tokio::runtime::Runtime, plan: &Plan, run: u32) -> anyhow::Result<Vec<StorePoint>> {
+    let Some(&last) = plan.store_steps.last() else { return Ok(Vec::new()) };
+    eprintln!("notary store growth to {last} messages");
+    let first = qos1_load(plan, run, 0);
     let Prepared { mut sys, sub, base, .. } = prepare(rt, Kind::Notary, &first, false)?;
     sub.stop();
     let http = sys.http_port.context("notary HTTP port")?;
@@ -764,17 +770,7 @@ fn retention_phase(
 ) -> anyhow::Result<(Vec<RetentionPoint>, u64)> {
     let horizon = plan.retention_horizon.max(plan.publishers as u64);
     eprintln!("notary retention: {} messages, horizon {horizon}", plan.retention_messages);
-    let spec = |run: u32, n: u64| LoadSpec {
-        run,
-        publishers: plan.publishers,
-        per_publisher: (n / plan.publishers as u64).max(1),
-        payload: plan.payload,
-        qos: QoS::AtLeastOnce,
-        rate: None,
-        signed: false,
-        invalid_every: None,
-        sample_every: None,
-    };
+    let spec = |run: u32, n: u64| qos1_load(plan, run, (n / plan.publishers as u64).max(1));
     // The horizon in bytes: what the store of a notary that was sent
     // `horizon` messages uses.
     let (mut sys, base) = started_notary(rt, "", run)?;

@@ -104,3 +104,67 @@ impl Pruner {
         Ok(!self.evm || self.store.evm_covering(size)?.is_some())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{SealedBatch, StoredLeaf};
+    use notary_proof::{BatchRecord, BatchTree, LeafRecord, Receipt};
+
+    /// A store with one sealed batch of 10 leaves, sealed at time 0.
+    fn store_with_a_batch(dir: &std::path::Path) -> Store {
+        let mut store = Store::open(dir).expect("store");
+        let leaves: Vec<StoredLeaf> = (0..10u64)
+            .map(|s| {
+                let rec = LeafRecord::broker_received(s, s, "t", &s.to_be_bytes());
+                StoredLeaf { seq: s, digest: rec.payload_digest, record: rec.encode().expect("encodes") }
+            })
+            .collect();
+        store.append_leaves(&leaves).expect("append");
+        let hashes: Vec<_> = leaves.iter().map(|l| notary_proof::hash::leaf_hash(&l.record)).collect();
+        let root = BatchTree::new(&hashes).expect("non-empty").root();
+        let batch = BatchRecord { number: 0, first_seq: 0, size: 10, root, sealed_at_ms: 0 };
+        let log_nodes = store.nodes_after_append(0, batch.leaf_hash()).expect("nodes");
+        store
+            .seal(&[SealedBatch { batch, batch_nodes: Vec::new(), log_nodes, note: "note".into() }])
+            .expect("seal");
+        store
+    }
+
+    fn pruner(store: Store, max_age_ms: u64) -> Pruner {
+        Pruner {
+            store,
+            policy: RetentionPolicy { max_age_ms: Some(max_age_ms), max_bytes: None },
+            ledgers: vec!["local".into()],
+            evm: false,
+            metrics: Arc::new(Metrics::default()),
+        }
+    }
+
+    /// A batch past the age limit is pruned only once the ledger anchored
+    /// it; one within the limit is left alone.
+    #[test]
+    fn a_batch_is_pruned_past_its_age_once_anchored() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let young = pruner(store_with_a_batch(dir.path()), u64::MAX);
+        assert!(!young.step().expect("step"), "within the age limit");
+        drop(young);
+        let old = pruner(Store::open(dir.path()).expect("store"), 1);
+        assert!(!old.step().expect("step"), "not anchored yet");
+        assert_eq!(old.metrics.retention_blocked.load(Relaxed), 1);
+        let receipt = Receipt::Local {
+            index: 0,
+            prev_hash: [0; 32],
+            checkpoint_hash: [1; 32],
+            anchored_at_ms: 0,
+            entry_hash: [2; 32],
+            head: None,
+        };
+        old.store.put_receipts(&[(1, "local", receipt)]).expect("receipt");
+        assert!(old.step().expect("step"), "anchored: pruned");
+        assert_eq!(old.metrics.pruned_leaves_total.load(Relaxed), 10);
+        assert_eq!(old.store.pruned().expect("state").batches, 1);
+        assert!(!old.step().expect("step"), "nothing left to prune");
+        assert_eq!(old.store.next_seq().expect("next"), 10);
+    }
+}
