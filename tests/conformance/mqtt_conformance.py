@@ -805,9 +805,19 @@ def mqtt5_3_1_2_11_session_expiry_zero_ends_the_session_at_disconnect():
     s = Client(v5=True, client_id=cid, clean=False)
     s.sub(uid("se0") + "/x", 1)
     s.close()
-    s2 = Client(v5=True, client_id=cid, clean=False)
-    check(not s2.connack[0], "session present after session expiry 0")
-    s2.close()
+    # A broker that handles connections on several threads may see the
+    # reconnect before the old connection's close; the session must still
+    # end once it does (README: known limitations). Asked again until then,
+    # for at most 5 s.
+    deadline = time.monotonic() + 5
+    while True:
+        s2 = Client(v5=True, client_id=cid, clean=False)
+        present = s2.connack[0]
+        s2.close()
+        if not present or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    check(not present, "session present after session expiry 0")
 
 
 def mqtt5_3_1_3_9_will_delay_ends_with_the_session():
