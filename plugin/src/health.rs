@@ -25,19 +25,21 @@ pub enum Part {
     Evm,
     Proofs,
     Retention,
+    Index,
     Source,
     MqttListener,
     HttpListener,
 }
 
 impl Part {
-    pub const ALL: [Part; 9] = [
+    pub const ALL: [Part; 10] = [
         Part::Ingest,
         Part::Sealer,
         Part::Anchor,
         Part::Evm,
         Part::Proofs,
         Part::Retention,
+        Part::Index,
         Part::Source,
         Part::MqttListener,
         Part::HttpListener,
@@ -51,6 +53,7 @@ impl Part {
             Part::Evm => "evm",
             Part::Proofs => "proofs",
             Part::Retention => "retention",
+            Part::Index => "index",
             Part::Source => "source",
             Part::MqttListener => "mqtt_listener",
             Part::HttpListener => "http_listener",

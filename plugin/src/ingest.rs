@@ -202,6 +202,8 @@ pub(crate) struct Writer {
     pub store: Store,
     pub sealer: SyncSender<SealerMsg>,
     pub metrics: Arc<Metrics>,
+    /// The digest index of unsealed leaves.
+    pub unsealed: Arc<crate::store::Unsealed>,
     /// Set when shutdown's deadline has passed: stop retrying commits.
     pub give_up: Arc<AtomicBool>,
 }
@@ -432,7 +434,10 @@ impl Ingest {
         }
         let first_seq = commit.leaves.first().map(|l| l.seq);
         match self.writer.persist(&commit) {
-            Persisted::Done => self.writer.hand_to_sealer(&commit.leaves),
+            Persisted::Done => {
+                self.writer.index(&commit.leaves);
+                self.writer.hand_to_sealer(&commit.leaves);
+            }
             Persisted::GaveUp => {}
             Persisted::Permanent(e) => {
                 // Refuse every command of this round, and undo their
@@ -787,6 +792,8 @@ impl Committer {
         if dropped > 0 {
             self.shift.fetch_add(dropped, Relaxed);
         }
+        // Findable by digest before anyone is told they are notarized.
+        self.writer.index(&commit.leaves);
         for (responder, slot) in waiting {
             let outcome = match slot {
                 Slot::Leaf(i) => outcomes.get(i).cloned(),
@@ -892,9 +899,13 @@ impl Committer {
 }
 
 impl Writer {
+    /// Adds committed leaves to the digest index of unsealed leaves.
+    fn index(&self, leaves: &[StoredLeaf]) {
+        self.unsealed.add(leaves.iter().map(|l| (l.digest, l.seq)));
+    }
+
     fn hand_to_sealer(&self, leaves: &[StoredLeaf]) {
-        let hashes =
-            leaves.iter().map(|l| (l.seq, notary_proof::hash::leaf_hash(&l.record))).collect::<Vec<_>>();
+        let hashes = leaves.iter().map(crate::sealer::ToSeal::of).collect::<Vec<_>>();
         if !hashes.is_empty() && self.sealer.send(SealerMsg::Leaves(hashes)).is_err() {
             tracing::error!("sealer is gone; persisted leaves will be sealed at next start");
         }

@@ -18,6 +18,7 @@ pub mod embedded;
 pub mod evm_anchor;
 pub mod health;
 pub mod http;
+mod index;
 mod ingest;
 pub mod keys;
 pub mod metrics;
@@ -114,8 +115,9 @@ pub struct Pipeline {
     evm_stop: Option<SyncSender<()>>,
     evm_thread: Option<JoinHandle<()>>,
     /// Dropped at shutdown to stop the pruner.
-    prune_stop: Option<SyncSender<()>>,
-    prune_thread: Option<JoinHandle<()>>,
+    /// Threads that work until told to stop (the pruner, the indexer):
+    /// stopped after the pipeline's stages have finished.
+    background: Vec<(SyncSender<()>, JoinHandle<()>)>,
     /// Dropped at shutdown, after the writers, to stop the WAL checkpointer.
     wal_stop: Option<SyncSender<()>>,
     wal_thread: Option<JoinHandle<()>>,
@@ -158,6 +160,7 @@ impl Pipeline {
             Store::open_pipeline(&cfg.data_dir, Some(store::INGEST_CACHE_KIB), writer.clone())?;
         let next_seq = ingest_store.next_seq()?;
         let ledgers: Vec<String> = anchors.iter().map(|a| a.name().to_owned()).collect();
+        let unsealed = Arc::new(store::Unsealed::default());
         let sealer = sealer::Sealer {
             store: Store::open_pipeline(&cfg.data_dir, None, writer.clone())?,
             signer,
@@ -166,10 +169,18 @@ impl Pipeline {
             checkpoint_topic: topics.checkpoint(),
             policy: cfg.policy,
             metrics: metrics.clone(),
+            unsealed: unsealed.clone(),
         };
         let recovered = sealer.recover()?;
+        unsealed.add(recovered.iter().map(|l| (l.digest, l.seq)));
         let readers = proof_readers();
-        let proofs = Arc::new(ProofService::open(&cfg.data_dir, cfg.evm.is_some(), writer.clone(), readers)?);
+        let proofs = Arc::new(ProofService::open(
+            &cfg.data_dir,
+            cfg.evm.is_some(),
+            writer.clone(),
+            readers,
+            unsealed.clone(),
+        )?);
         let (seal_tx, seal_rx): (SyncSender<_>, _) = sync_channel(64);
 
         let mut threads = Vec::new();
@@ -192,6 +203,7 @@ impl Pipeline {
                 sealer: seal_tx.clone(),
                 metrics: metrics.clone(),
                 give_up: give_up.clone(),
+                unsealed: unsealed.clone(),
             },
             next_seq,
             outbox: outbox.clone(),
@@ -204,6 +216,7 @@ impl Pipeline {
                 sealer: seal_tx,
                 metrics: metrics.clone(),
                 give_up: give_up.clone(),
+                unsealed: unsealed.clone(),
             },
             next_seq,
             registry,
@@ -238,7 +251,8 @@ impl Pipeline {
             }
             None => (None, None),
         };
-        let (prune_stop, prune_thread) = if cfg.retention.is_set() {
+        let mut background = Vec::new();
+        if cfg.retention.is_set() {
             let pruner = retention::Pruner {
                 store: Store::open_pipeline(&cfg.data_dir, None, writer.clone())?,
                 policy: cfg.retention,
@@ -247,13 +261,19 @@ impl Pipeline {
                 metrics: metrics.clone(),
             };
             let (stop_tx, stop_rx) = sync_channel(1);
-            (
-                Some(stop_tx),
-                Some(spawn("notary-prune", Part::Retention, Box::new(move || pruner.run(stop_rx)))?),
-            )
-        } else {
-            (None, None)
+            background.push((
+                stop_tx,
+                spawn("notary-prune", Part::Retention, Box::new(move || pruner.run(stop_rx)))?,
+            ));
+        }
+        let indexer = index::Indexer {
+            store: Store::open_pipeline(&cfg.data_dir, None, writer.clone())?,
+            unsealed,
+            metrics: metrics.clone(),
         };
+        let (stop_tx, stop_rx) = sync_channel(1);
+        background
+            .push((stop_tx, spawn("notary-index", Part::Index, Box::new(move || indexer.run(stop_rx)))?));
         let wal_store = Store::open_pipeline(&cfg.data_dir, None, writer)?;
         let (wal_stop, wal_rx) = sync_channel(1);
         let wal_thread = spawn("notary-wal", Part::Sealer, Box::new(move || checkpoints(wal_store, wal_rx)))?;
@@ -264,8 +284,7 @@ impl Pipeline {
             threads,
             evm_stop,
             evm_thread,
-            prune_stop,
-            prune_thread,
+            background,
             wal_stop: Some(wal_stop),
             wal_thread: Some(wal_thread),
             give_up,
@@ -288,8 +307,7 @@ impl Pipeline {
             threads,
             evm_stop,
             evm_thread,
-            prune_stop,
-            prune_thread,
+            background,
             wal_stop,
             wal_thread,
             give_up,
@@ -304,8 +322,8 @@ impl Pipeline {
             if let Some(t) = evm_thread {
                 let _ = t.join();
             }
-            drop(prune_stop);
-            if let Some(t) = prune_thread {
+            for (stop, t) in background {
+                drop(stop);
                 let _ = t.join();
             }
             drop(wal_stop);

@@ -78,6 +78,9 @@ metrics! {
     pruned_seq: "gauge", "Retention: every leaf below this sequence number is pruned (registry leaves are kept).";
     store_used_bytes: "gauge", "Bytes of the store file in use (free pages left by pruning are reused, not returned).";
     retention_blocked: "gauge", "Retention: 1 while the oldest batch is due for pruning but not yet anchored in every ledger (pruning waits).";
+    index_runs: "gauge", "Digest index: sorted runs lookups may read (merged in the background; see ARCHITECTURE.md).";
+    index_merges_total: "counter", "Digest index: runs merged into one of the next level.";
+    index_unsealed: "gauge", "Digest index: leaves not sealed yet, indexed in memory.";
     outbox_dropped_total: "counter", "Outgoing publishes dropped because the outbox was full.";
     source_connected: "gauge", "Sidecar: 1 while connected to the upstream broker.";
     source_disconnects_total: "counter", "Sidecar: times the connection to the upstream broker was lost.";

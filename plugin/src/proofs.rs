@@ -1,7 +1,7 @@
 //! The proof service: builds proof bundles for a payload digest from the
 //! store. Shared by the MQTT and HTTP front ends; read-only.
 
-use crate::store::{Rejection, Store, StoreError};
+use crate::store::{Rejection, RunCache, Store, StoreError, Unsealed};
 use notary_proof::{
     BatchRecord, KeyEvidence, LaterAnchor, LeafProof, LeafRecord, ProofBundle, BUNDLE_FORMAT,
 };
@@ -28,6 +28,9 @@ pub enum ProofAnswer {
 
 pub struct ProofService {
     readers: Readers,
+    /// The digest index: unsealed leaves in memory, the runs' filters.
+    unsealed: std::sync::Arc<Unsealed>,
+    runs: RunCache,
     /// An EVM chain is configured: bundles not yet covered by an EVM anchor
     /// list `evm` as pending.
     evm: bool,
@@ -66,11 +69,17 @@ impl ProofService {
         evm: bool,
         writer: crate::store::WriteLock,
         readers: usize,
+        unsealed: std::sync::Arc<Unsealed>,
     ) -> Result<Self, StoreError> {
         let idle = (0..readers.max(1))
             .map(|_| Store::open_pipeline(data_dir, Some(crate::store::PROOFS_CACHE_KIB), writer.clone()))
             .collect::<Result<_, _>>()?;
-        Ok(ProofService { readers: Readers { idle: Mutex::new(idle), freed: Condvar::new() }, evm })
+        Ok(ProofService {
+            readers: Readers { idle: Mutex::new(idle), freed: Condvar::new() },
+            unsealed,
+            runs: RunCache::default(),
+            evm,
+        })
     }
 
     /// Runs `f` on an idle read connection, inside one read transaction: it
@@ -82,17 +91,31 @@ impl ProofService {
     }
 
     pub fn lookup(&self, digest: &[u8; 32]) -> Result<ProofAnswer, ProofError> {
-        self.read(|store| self.lookup_in(store, digest))
+        // Before the snapshot: a leaf the sealer takes out of `unsealed`
+        // after this is in a run the snapshot sees (docs: ARCHITECTURE.md).
+        let unsealed = self.unsealed.seqs(digest);
+        self.read(|store| self.lookup_in(store, digest, &unsealed))
     }
 
-    fn lookup_in(&self, store: &Store, digest: &[u8; 32]) -> Result<ProofAnswer, ProofError> {
-        let leaves = store.leaves_by_digest(digest, MAX_BUNDLES)?;
+    fn lookup_in(
+        &self,
+        store: &Store,
+        digest: &[u8; 32],
+        unsealed: &[u64],
+    ) -> Result<ProofAnswer, ProofError> {
+        let runs = self.runs.runs(store)?;
+        let hits = store.find_digest(digest, &runs, unsealed, MAX_BUNDLES)?;
+        let leaves = hits.leaves;
         if leaves.is_empty() {
             let rejections = store.rejections_by_digest(digest, MAX_BUNDLES)?;
             if !rejections.is_empty() {
                 return Ok(ProofAnswer::Rejected(rejections));
             }
-            return Ok(match store.pruned_batch(digest)? {
+            let pruned = match hits.pruned_seq {
+                Some(seq) => store.batch_of(seq)?.map(|b| b.number),
+                None => store.pruned_batch(digest)?,
+            };
+            return Ok(match pruned {
                 Some(batch) => ProofAnswer::Pruned { batch },
                 None => ProofAnswer::Unknown,
             });

@@ -108,26 +108,14 @@ impl Pruner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{SealedBatch, StoredLeaf};
-    use notary_proof::{BatchRecord, BatchTree, LeafRecord, Receipt};
+    use crate::store::testing;
+    use notary_proof::Receipt;
 
     /// A store with one sealed batch of 10 leaves, sealed at time 0.
     fn store_with_a_batch(dir: &std::path::Path) -> Store {
         let mut store = Store::open(dir).expect("store");
-        let leaves: Vec<StoredLeaf> = (0..10u64)
-            .map(|s| {
-                let rec = LeafRecord::broker_received(s, s, "t", &s.to_be_bytes());
-                StoredLeaf { seq: s, digest: rec.payload_digest, record: rec.encode().expect("encodes") }
-            })
-            .collect();
-        store.append_leaves(&leaves).expect("append");
-        let hashes: Vec<_> = leaves.iter().map(|l| notary_proof::hash::leaf_hash(&l.record)).collect();
-        let root = BatchTree::new(&hashes).expect("non-empty").root();
-        let batch = BatchRecord { number: 0, first_seq: 0, size: 10, root, sealed_at_ms: 0 };
-        let log_nodes = store.nodes_after_append(0, batch.leaf_hash()).expect("nodes");
-        store
-            .seal(&[SealedBatch { batch, batch_nodes: Vec::new(), log_nodes, note: "note".into() }])
-            .expect("seal");
+        let hashes = testing::persist_leaves(&mut store, 0, 10);
+        testing::seal(&mut store, 0, 0, &hashes);
         store
     }
 

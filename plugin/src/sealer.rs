@@ -12,7 +12,7 @@ use crate::batcher::{BatchPolicy, Batcher};
 use crate::health::Part;
 use crate::metrics::Metrics;
 use crate::source::{now_ms, Outbox};
-use crate::store::{SealedBatch, Store, StoreError};
+use crate::store::{SealedBatch, Store, StoreError, Unsealed};
 use notary_anchor::Anchor;
 use notary_proof::tree::{self, NodeSource};
 use notary_proof::{BatchRecord, BatchTree, Checkpoint, Hash, NoteSigner};
@@ -29,8 +29,23 @@ const MAX_SEAL_ROUND: usize = 32;
 const SEAL_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
 
 pub(crate) enum SealerMsg {
-    /// Persisted leaves, in sequence order: (seq, leaf hash).
-    Leaves(Vec<(u64, Hash)>),
+    /// Persisted leaves, in sequence order.
+    Leaves(Vec<ToSeal>),
+}
+
+/// A persisted leaf, as the sealer needs it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ToSeal {
+    pub seq: u64,
+    pub leaf_hash: Hash,
+    /// Its payload digest, for the digest index.
+    pub digest: Hash,
+}
+
+impl ToSeal {
+    pub fn of(leaf: &crate::store::StoredLeaf) -> Self {
+        ToSeal { seq: leaf.seq, leaf_hash: notary_proof::hash::leaf_hash(&leaf.record), digest: leaf.digest }
+    }
 }
 
 pub(crate) struct Sealer {
@@ -42,28 +57,26 @@ pub(crate) struct Sealer {
     pub checkpoint_topic: &'static str,
     pub policy: BatchPolicy,
     pub metrics: Arc<Metrics>,
+    /// The digest index of unsealed leaves: sealed ones leave it once
+    /// their run is stored.
+    pub unsealed: Arc<Unsealed>,
 }
 
 struct State {
     batcher: Batcher,
-    pending: VecDeque<(u64, Hash)>,
+    pending: VecDeque<ToSeal>,
     next_number: u64,
     anchor_retry_at: Option<u64>,
 }
 
 impl Sealer {
     /// Leaves persisted but not sealed (after a crash or a fast shutdown).
-    pub fn recover(&self) -> Result<Vec<(u64, Hash)>, StoreError> {
+    pub fn recover(&self) -> Result<Vec<ToSeal>, StoreError> {
         let from = self.store.last_batch()?.map_or(0, |b| b.first_seq + b.size);
-        Ok(self
-            .store
-            .leaves_from(from)?
-            .into_iter()
-            .map(|l| (l.seq, notary_proof::hash::leaf_hash(&l.record)))
-            .collect())
+        Ok(self.store.leaves_from(from)?.iter().map(ToSeal::of).collect())
     }
 
-    pub fn run(mut self, rx: Receiver<SealerMsg>, recovered: Vec<(u64, Hash)>) {
+    pub fn run(mut self, rx: Receiver<SealerMsg>, recovered: Vec<ToSeal>) {
         let next_number = match self.store.log_size() {
             Ok(n) => n,
             Err(e) => {
@@ -124,8 +137,8 @@ impl Sealer {
                     break;
                 }
                 let leaves: Vec<Hash> =
-                    st.pending.iter().skip(taken).take(n as usize).map(|(_, h)| *h).collect();
-                let first_seq = st.pending.get(taken).map_or(0, |(s, _)| *s);
+                    st.pending.iter().skip(taken).take(n as usize).map(|p| p.leaf_hash).collect();
+                let first_seq = st.pending.get(taken).map_or(0, |p| p.seq);
                 let number = st.next_number + sealed.len() as u64;
                 match self.prepare(&leaves, first_seq, number, now, &mut extra) {
                     Ok(Some(batch)) => sealed.push(batch),
@@ -140,9 +153,13 @@ impl Sealer {
             }
             // One transaction: on failure nothing changed, the leaves stay
             // pending and are sealed on the next attempt.
-            if let Err(e) = self.store.seal(&sealed) {
+            let digests: Vec<(Hash, u64)> =
+                st.pending.iter().take(taken).map(|p| (p.digest, p.seq)).collect();
+            if let Err(e) = self.store.seal(&sealed, &digests) {
                 return self.seal_failed(&e);
             }
+            // Only now: a lookup that misses them here finds their run.
+            self.unsealed.remove(&digests);
             st.batcher = plan;
             st.pending.drain(..taken.min(st.pending.len()));
             st.next_number += sealed.len() as u64;

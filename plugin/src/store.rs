@@ -11,12 +11,14 @@ use notary_proof::Hash;
 use rusqlite::Connection;
 use std::path::Path;
 
+mod digests;
 mod evm;
 mod int;
 mod leaves;
 mod log;
 mod registry;
 mod retention;
+pub use digests::{DigestHits, IndexWork, Run, RunCache, Unsealed};
 pub use evm::{EvmAnchorRow, EvmAnchorState};
 pub use int::U64;
 pub use leaves::{Commit, Rejection, StoredLeaf};
@@ -31,9 +33,12 @@ pub const STORE_FILE: &str = "notary.sqlite";
 pub const BATCH_NODE_MIN_LEVEL: u32 = 6;
 
 /// The version of [`SCHEMA`], kept in the file as `PRAGMA user_version`.
-/// Version 2 added retention's tables (`pruned_digests`, `retention`); a
-/// version 1 file is upgraded in place by creating them.
-pub const SCHEMA_VERSION: i64 = 2;
+/// Version 2 added retention's tables (`pruned_digests`, `retention`);
+/// version 3 replaced the index `leaves_by_digest` by sorted runs
+/// (`digest_runs`, `digest_filters`, `digest_index`; `store/digests.rs`). An older file is
+/// upgraded in place: the new tables are created, and the sealed leaves
+/// are indexed in runs once.
+pub const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS leaves (
@@ -41,7 +46,6 @@ CREATE TABLE IF NOT EXISTS leaves (
     digest BLOB NOT NULL,
     record BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS leaves_by_digest ON leaves(digest);
 CREATE TABLE IF NOT EXISTS batches (
     number    INTEGER PRIMARY KEY,
     first_seq INTEGER NOT NULL UNIQUE,
@@ -136,6 +140,23 @@ CREATE INDEX IF NOT EXISTS evm_anchors_by_size ON evm_anchors(size);
 CREATE TABLE IF NOT EXISTS pruned_digests (
     prefix BLOB PRIMARY KEY,
     batch  INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS digest_runs (
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    level    INTEGER NOT NULL,
+    from_seq INTEGER NOT NULL,
+    to_seq   INTEGER NOT NULL,
+    entries  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS digest_filters (
+    run    INTEGER PRIMARY KEY,
+    filter BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS digest_index (
+    run    INTEGER NOT NULL,
+    prefix INTEGER NOT NULL,
+    seq    INTEGER NOT NULL,
+    PRIMARY KEY (run, prefix, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS retention (
     id      INTEGER PRIMARY KEY CHECK (id = 0),
@@ -237,29 +258,37 @@ fn hash32(v: Vec<u8>) -> Result<Hash, StoreError> {
     v.try_into().map_err(|_| StoreError::Corrupt("hash is not 32 bytes".into()))
 }
 
-/// Page cache of the ingest connection (KiB). The digest index takes
-/// inserts at random places; with SQLite's default 2 MiB cache nearly every
-/// insert evicts a page and reads another back (measured in bench/RESULTS.md).
-pub const INGEST_CACHE_KIB: i64 = 64 * 1024;
+/// Page cache of the ingest connection (KiB). Its commits append leaves
+/// in sequence order and update a few device rows; 64 MiB was needed while
+/// the digest index took inserts at random places (schema version 2,
+/// bench/RESULTS.md), and is not since.
+pub const INGEST_CACHE_KIB: i64 = 8 * 1024;
 /// Page cache of each of the proof service's read connections (KiB); the
 /// operating system's page cache serves what they miss.
 pub const PROOFS_CACHE_KIB: i64 = 8 * 1024;
 
 impl Store {
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        let conn = Connection::open(data_dir.join(STORE_FILE))?;
+        let mut conn = Connection::open(data_dir.join(STORE_FILE))?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.execute_batch(SCHEMA)?;
         // The schema's version, in the file's header (`PRAGMA user_version`):
         // 0 is a store from before versions were recorded, whose schema is
-        // version 1; an older version gains the tables `SCHEMA` just
-        // created; a newer version is refused rather than misread (an
-        // older build would take a pruned batch for a damaged one).
-        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        // version 1; an older version gains the tables `SCHEMA` creates
+        // and, before version 3, its digest index is rebuilt as runs; a
+        // newer version is refused rather than misread (an older build
+        // would take a pruned batch for a damaged one). One immediate
+        // transaction: a second connection opening meanwhile waits, then
+        // finds the upgrade done.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute_batch(SCHEMA)?;
+        let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         match version {
-            0 | 1 => conn.pragma_update(None, "user_version", SCHEMA_VERSION)?,
+            0..=2 => {
+                digests::upgrade_to_runs(&tx)?;
+                tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+            }
             SCHEMA_VERSION => {}
             v => {
                 return Err(StoreError::Corrupt(format!(
@@ -267,6 +296,7 @@ impl Store {
                 )))
             }
         }
+        tx.commit()?;
         Ok(Store { conn, writer: None })
     }
 
@@ -314,18 +344,36 @@ impl Store {
     }
 }
 
+/// Stores built as the pipeline builds them, for tests.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
-    use log::decode_batch;
     use notary_proof::tree;
     use notary_proof::{BatchRecord, BatchTree, LeafRecord};
 
-    /// Leaves `from..from + n`, persisted, with their leaf hashes.
-    fn persist_leaves(store: &mut Store, from: u64, n: u64) -> Vec<Hash> {
-        let leaves: Vec<StoredLeaf> = (from..from + n)
-            .map(|s| {
-                let rec = LeafRecord::broker_received(s, s, "t", &s.to_be_bytes());
+    /// The payload of leaf `seq` in [`persist_leaves`].
+    pub fn payload(seq: u64) -> [u8; 8] {
+        seq.to_be_bytes()
+    }
+
+    pub fn digest(seq: u64) -> Hash {
+        *blake3::hash(&payload(seq)).as_bytes()
+    }
+
+    /// Leaves `from..from + n` (payload [`payload`]), persisted, with
+    /// their leaf hashes.
+    pub fn persist_leaves(store: &mut Store, from: u64, n: u64) -> Vec<Hash> {
+        persist_payloads(store, from, &(from..from + n).map(payload).collect::<Vec<_>>())
+    }
+
+    /// Leaves from `from` on with these payloads, persisted, with their
+    /// leaf hashes.
+    pub fn persist_payloads<P: AsRef<[u8]>>(store: &mut Store, from: u64, payloads: &[P]) -> Vec<Hash> {
+        let leaves: Vec<StoredLeaf> = payloads
+            .iter()
+            .zip(from..)
+            .map(|(p, s)| {
+                let rec = LeafRecord::broker_received(s, s, "t", p.as_ref());
                 StoredLeaf { seq: s, digest: rec.payload_digest, record: rec.encode().expect("encodes") }
             })
             .collect();
@@ -333,8 +381,10 @@ mod tests {
         leaves.iter().map(|l| notary_proof::hash::leaf_hash(&l.record)).collect()
     }
 
-    /// Seals `hashes` as batch `number`, as the sealer does; returns the record.
-    fn seal(store: &mut Store, number: u64, first_seq: u64, hashes: &[Hash]) -> BatchRecord {
+    /// Seals the stored leaves `first_seq..first_seq + hashes.len()`
+    /// (leaf hashes `hashes`) as batch `number`, as the sealer does, with
+    /// their run of the digest index; returns the record.
+    pub fn seal(store: &mut Store, number: u64, first_seq: u64, hashes: &[Hash]) -> BatchRecord {
         let root = BatchTree::new(hashes).expect("non-empty").root();
         let mut mem = tree::MemoryTree::new();
         hashes.iter().for_each(|h| mem.append(*h));
@@ -346,9 +396,20 @@ mod tests {
             log_nodes,
             note: format!("note {number}"),
         };
-        store.seal(&[sealed]).expect("seal");
+        let end = first_seq + hashes.len() as u64;
+        let digests: Vec<(Hash, u64)> =
+            store.leaves_in(first_seq, end).expect("leaves").iter().map(|l| (l.digest, l.seq)).collect();
+        store.seal(&[sealed], &digests).expect("seal");
         batch
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{digest, persist_leaves, persist_payloads, seal};
+    use super::*;
+    use log::decode_batch;
+    use notary_proof::{BatchRecord, BatchTree, LeafRecord};
 
     /// Seals batches of many sizes into a real store, then checks that every
     /// served path equals rs_merkle's path over all the batch's leaves.
@@ -410,11 +471,17 @@ mod tests {
             };
             store.commit(&commit).expect("commit");
 
-            let back = store.leaves_by_digest(&leaf.payload_digest, 10).expect("leaves");
-            assert_eq!(back.len(), 1, "{v}");
-            assert_eq!(back[0].seq, v);
-            assert_eq!(back[0].record, record);
-            let decoded = LeafRecord::decode(&back[0].record).expect("decodes");
+            let (seq, back): (U64, Vec<u8>) = store
+                .conn
+                .query_row(
+                    "SELECT seq, record FROM leaves WHERE digest = ?1",
+                    [&leaf.payload_digest[..]],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .expect("the leaf");
+            assert_eq!(seq.0, v);
+            assert_eq!(back, record);
+            let decoded = LeafRecord::decode(&back).expect("decodes");
             assert_eq!((decoded.seq, decoded.received_at_ms), (v, v));
             let device = store.devices().expect("devices").pop().expect("one device");
             assert_eq!((device.key_seq, device.head_seq, device.last_counter), (Some(v), v, Some(v)));
@@ -458,7 +525,7 @@ mod tests {
                     log_nodes: vec![(0, batch.number, [2; 32])],
                     note: "n".into(),
                 };
-                store.seal(&[sealed]).expect("seal");
+                store.seal(&[sealed], &[]).expect("seal");
                 let (record, first_seq, size): (Vec<u8>, U64, U64) = store
                     .conn
                     .query_row(
@@ -537,9 +604,140 @@ mod tests {
         assert_eq!(writer.next_seq().expect("seq"), 4002, "nothing lost");
     }
 
-    /// Retention deletes a batch's leaves and payload index but keeps what
-    /// proofs need: registry leaves (with their paths), batch records, log
-    /// nodes and a tombstone naming the batch; sequence numbers never go back.
+    /// What a lookup of `d` finds: the sequence numbers of its leaves
+    /// (sealed, and `unsealed`), and the batch of the newest pruned one.
+    fn lookup(store: &Store, d: &Hash, unsealed: &[u64], limit: usize) -> (Vec<u64>, Option<u64>) {
+        lookup_with(&RunCache::default(), store, d, unsealed, limit)
+    }
+
+    /// [`lookup`] through `cache`, as the proof service looks up.
+    fn lookup_with(
+        cache: &RunCache,
+        store: &Store,
+        d: &Hash,
+        unsealed: &[u64],
+        limit: usize,
+    ) -> (Vec<u64>, Option<u64>) {
+        let runs = cache.runs(store).expect("runs");
+        let hits = store.find_digest(d, &runs, unsealed, limit).expect("lookup");
+        let batch = hits.pruned_seq.map(|s| store.batch_of(s).expect("batch").expect("sealed").number);
+        (hits.leaves.iter().map(|l| l.seq).collect(), batch)
+    }
+
+    fn step_index_until_idle(store: &Store) {
+        while store.index_step().expect("index step") != IndexWork::Idle {}
+    }
+
+    fn index_rows(store: &Store) -> i64 {
+        store.conn.query_row("SELECT COUNT(*) FROM digest_index", [], |r| r.get(0)).expect("count")
+    }
+
+    /// Every leaf is found by its digest, in sequence order, whether its
+    /// run is fresh from a seal or merged, and whether it is sealed at all;
+    /// a merge cut short by a crash leaves nothing behind.
+    #[test]
+    fn the_digest_index_finds_every_leaf_across_runs_merges_and_the_unsealed_tail() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut store = Store::open(dir.path()).expect("store");
+        // Every third payload is "ON": one digest in every run.
+        let payload = |s: u64| if s.is_multiple_of(3) { b"ON".to_vec() } else { s.to_be_bytes().to_vec() };
+        for b in 0..20u64 {
+            let hashes =
+                persist_payloads(&mut store, b * 10, &(b * 10..b * 10 + 10).map(payload).collect::<Vec<_>>());
+            seal(&mut store, b, b * 10, &hashes);
+        }
+        persist_payloads(&mut store, 200, &(200..205).map(payload).collect::<Vec<_>>());
+        let on = *blake3::hash(b"ON").as_bytes();
+        let all_on: Vec<u64> = (0..205u64).filter(|s| s.is_multiple_of(3)).collect();
+        let unsealed: Vec<u64> = (200..205u64).filter(|s| s.is_multiple_of(3)).collect();
+        // One cache throughout, as the proof service keeps it: it must
+        // notice every change of the visible runs.
+        let cache = RunCache::default();
+        let check = |store: &Store| {
+            let lookup = |d: &Hash, unsealed: &[u64], limit| lookup_with(&cache, store, d, unsealed, limit);
+            assert_eq!(lookup(&on, &unsealed, 1000).0, all_on);
+            assert_eq!(lookup(&on, &unsealed, 5).0, all_on[..5], "the first ones, in order");
+            for s in [1, 77, 199] {
+                assert_eq!(lookup(&digest(s), &[], 10), (vec![s], None), "leaf {s}");
+            }
+            assert_eq!(lookup(&digest(201), &[], 10), (vec![], None), "unsealed: not in a run");
+            assert_eq!(lookup(&[7; 32], &[], 10), (vec![], None), "unknown");
+        };
+        assert_eq!(cache.runs(&store).expect("runs").len(), 20, "one run per seal");
+        check(&store);
+        // The first merge, by halves: looked up while its run is written
+        // and not yet visible, and again once it is switched in.
+        let written = store.write_merge(0).expect("merge written");
+        check(&store);
+        store.switch_merge(written).expect("merge switched in");
+        check(&store);
+        // Step by step, checking between steps: while a merge is being
+        // written, once it is switched in, while the runs it replaced are
+        // deleted.
+        let mut merges = 0;
+        loop {
+            match store.index_step().expect("index step") {
+                IndexWork::Idle => break,
+                IndexWork::Merged => merges += 1,
+                IndexWork::Deleted => {}
+            }
+            check(&store);
+        }
+        assert_eq!(merges, 1, "the second merge");
+        assert_eq!(store.index_runs().expect("runs"), 6, "two merged runs of 8, and 4 fresh ones");
+        assert_eq!(cache.runs(&store).expect("runs").len(), 6, "the cache sees the merge");
+        assert_eq!(index_rows(&store), 200, "the merged runs are deleted");
+
+        // A crash in the middle of a merge: a half-written run.
+        store
+            .write(|tx| {
+                let id = digests::new_run_for_test(tx)?;
+                tx.execute("INSERT INTO digest_index (run, prefix, seq) VALUES (?1, 1, 1)", [id])?;
+                Ok(())
+            })
+            .expect("half a merge");
+        store.abandon_merges().expect("abandon");
+        step_index_until_idle(&store);
+        assert_eq!(index_rows(&store), 200);
+        check(&store);
+    }
+
+    /// Opening a store of schema version 2 replaces its digest B-tree
+    /// index by runs over the sealed leaves.
+    #[test]
+    fn a_version_2_store_is_indexed_in_runs_when_opened() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut store = Store::open(dir.path()).expect("store");
+        for b in 0..3u64 {
+            let hashes = persist_leaves(&mut store, b * 100, 100);
+            seal(&mut store, b, b * 100, &hashes);
+        }
+        persist_leaves(&mut store, 300, 5);
+        store
+            .conn
+            .execute_batch(
+                "DELETE FROM digest_index; DELETE FROM digest_runs; DELETE FROM digest_filters;
+                 CREATE INDEX leaves_by_digest ON leaves(digest); PRAGMA user_version = 2;",
+            )
+            .expect("as version 2 left it");
+        drop(store);
+        let store = Store::open(dir.path()).expect("upgraded");
+        let version: i64 = store.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).expect("version");
+        assert_eq!(version, SCHEMA_VERSION);
+        let index: i64 = store
+            .conn
+            .query_row("SELECT COUNT(*) FROM sqlite_master WHERE name = 'leaves_by_digest'", [], |r| r.get(0))
+            .expect("schema");
+        assert_eq!(index, 0, "the B-tree index is gone");
+        for s in [0, 150, 299] {
+            assert_eq!(lookup(&store, &digest(s), &[], 10).0, vec![s]);
+        }
+        assert_eq!(index_rows(&store), 300, "unsealed leaves are indexed in memory, not in runs");
+    }
+
+    /// Retention deletes a batch's leaves but keeps what proofs need:
+    /// registry leaves (with their paths), batch records, log nodes and the
+    /// index runs naming the batch; sequence numbers never go back.
     #[test]
     fn pruning_keeps_the_log_and_registry_leaves_and_names_the_batch() {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -555,28 +753,30 @@ mod tests {
             .conn
             .execute("INSERT INTO registry_events (seq, device, action) VALUES (70, 'd', 'enrol')", [])
             .expect("a registry leaf");
-        let digest = |s: u64| *blake3::hash(&s.to_be_bytes()).as_bytes();
         let registry_path = store.batch_path(&batches[0], 70).expect("path");
         let consistency = store.log_consistency(1, 3).expect("consistency");
         let step = store.prune_step(&batches[0], 0).expect("prune");
-        assert_eq!(step, PruneStep { leaves: 99, rejections: 0, tombstones: 0, batch_done: true });
-        assert!(store.leaves_by_digest(&digest(5), 10).expect("lookup").is_empty());
-        assert_eq!(store.pruned_batch(&digest(5)).expect("tombstone"), Some(0));
-        assert_eq!(store.pruned_batch(&digest(150)).expect("tombstone"), None, "batch 1 is held");
+        assert_eq!(step, PruneStep { leaves: 99, rejections: 0, runs_dropped: 0, batch_done: true });
+        assert_eq!(lookup(&store, &digest(5), &[], 10), (vec![], Some(0)), "pruned, in batch 0");
+        assert_eq!(lookup(&store, &digest(150), &[], 10), (vec![150], None), "batch 1 is held");
         assert_eq!(store.batch_path(&batches[0], 70).expect("registry leaf path"), registry_path);
         assert!(matches!(store.batch_path(&batches[0], 5), Err(StoreError::Pruned { batch: 0 })));
         assert_eq!(store.batch_path(&batches[1], 3).expect("held").len(), 6);
         assert_eq!(store.log_consistency(1, 3).expect("consistency"), consistency);
         assert!(store.prune_step(&batches[2], 0).is_err(), "batches are pruned in order");
-        store.prune_step(&batches[1], 0).expect("prune");
+        // 10 messages held: batch 0's run, wholly older than the 10 newest
+        // pruned messages, is dropped.
+        let step = store.prune_step(&batches[1], 0).expect("prune");
+        assert_eq!(step.runs_dropped, 1);
+        assert_eq!(lookup(&store, &digest(5), &[], 10), (vec![], None), "no longer known");
+        assert_eq!(lookup(&store, &digest(150), &[], 10), (vec![], Some(1)));
         store.prune_step(&batches[2], 0).expect("prune");
         assert_eq!(store.pruned().expect("state").batches, 3);
         assert_eq!(store.next_seq().expect("next"), 174, "sequence numbers never go back");
         assert_eq!(store.leaf(70).expect("read").map(|l| l.seq), Some(70));
-        // Nothing is held now: a full sweep drops every tombstone below batch 3.
-        for slice in 0..retention::TOMBSTONE_SLICES {
-            store.write(|tx| retention::trim_tombstones(tx, slice, 3)).expect("trim");
-        }
-        assert_eq!(store.pruned_batch(&digest(5)).expect("tombstone"), None);
+        // Nothing is held now: every run goes.
+        step_index_until_idle(&store);
+        assert_eq!(index_rows(&store), 0);
+        assert_eq!(lookup(&store, &digest(170), &[], 10), (vec![], None));
     }
 }

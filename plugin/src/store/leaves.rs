@@ -1,12 +1,14 @@
-//! Leaves (the sequence-ordered log of notarized messages, with the
-//! payload-digest index) and what ingest records beside them: rejections,
-//! gaps and source outages. `commit` is ingest's group commit.
+//! Leaves (the sequence-ordered log of notarized messages; their
+//! payload-digest index is `digests.rs`) and what ingest records beside
+//! them: rejections, gaps and source outages. `commit` is ingest's group
+//! commit.
 
 use super::{hash32, int, RegistryChange, Store, StoreError, U64};
 use notary_proof::RegistryAction;
 use rusqlite::params;
 
 /// A leaf as persisted: sequence number, BLAKE3 payload digest, record bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredLeaf {
     pub seq: u64,
     pub digest: [u8; 32],
@@ -210,22 +212,6 @@ impl Store {
         rows.map(|row| {
             let (seq, digest, record) = row?;
             Ok(StoredLeaf { seq, digest: hash32(digest)?, record })
-        })
-        .collect()
-    }
-
-    /// The first `limit` leaves with this payload digest, in sequence order.
-    pub fn leaves_by_digest(&self, digest: &[u8; 32], limit: usize) -> Result<Vec<StoredLeaf>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT seq, record FROM leaves WHERE digest = ?1 ORDER BY seq LIMIT ?2")?;
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = stmt.query_map(params![&digest[..], limit], |r| {
-            Ok((r.get::<_, U64>(0)?.0, r.get::<_, Vec<u8>>(1)?))
-        })?;
-        rows.map(|row| {
-            let (seq, record) = row?;
-            Ok(StoredLeaf { seq, digest: *digest, record })
         })
         .collect()
     }

@@ -8,7 +8,6 @@ use notary_proof::{BatchRecord, Hash, Receipt};
 use rusqlite::{params, OptionalExtension};
 
 /// A batch ready to store (see [`Store::seal`]).
-/// A batch ready to store (see [`Store::seal`]).
 pub struct SealedBatch {
     pub batch: BatchRecord,
     /// Upper nodes of the batch tree: (level, index, hash).
@@ -51,13 +50,17 @@ impl Store {
             .transpose()
     }
 
-    /// Stores a sealed batch, its tree nodes (levels >= `BATCH_NODE_MIN_LEVEL`),
-    /// its new log nodes and its checkpoint atomically.
     /// Stores sealed batches, oldest first, in one transaction: each
-    /// batch record, its upper batch-tree nodes, the log nodes its append
-    /// completes, and its signed checkpoint.
-    pub fn seal(&mut self, batches: &[SealedBatch]) -> Result<(), StoreError> {
+    /// batch record, its upper batch-tree nodes (levels >=
+    /// `BATCH_NODE_MIN_LEVEL`), the log nodes its append completes, and its
+    /// signed checkpoint; and one run of the digest index over all their
+    /// leaves, `digests` being (payload digest, seq) of each.
+    pub fn seal(&mut self, batches: &[SealedBatch], digests: &[(Hash, u64)]) -> Result<(), StoreError> {
         self.write(|tx| {
+            if let (Some(first), Some(last)) = (batches.first(), batches.last()) {
+                let to = last.batch.first_seq.saturating_add(last.batch.size);
+                super::digests::seal_run(tx, first.batch.first_seq, to, digests)?;
+            }
             for s in batches {
                 let batch = &s.batch;
                 tx.prepare_cached(

@@ -1,7 +1,7 @@
-//! Retention: deleting old leaves, their payload index and old rejections,
-//! while the log itself (batch records, tree nodes, checkpoints, receipts)
-//! stays, so every bundle handed out keeps verifying and consistency
-//! proofs keep spanning the pruned range.
+//! Retention: deleting old leaves and old rejections, while the log itself
+//! (batch records, tree nodes, checkpoints, receipts) stays, so every
+//! bundle handed out keeps verifying and consistency proofs keep spanning
+//! the pruned range.
 //!
 //! Batches are pruned oldest first, in steps of at most [`PRUNE_STEP`]
 //! leaves, each step one short write transaction. What is kept of a pruned
@@ -10,12 +10,15 @@
 //!   device-signed bundles cite as key evidence, with the low batch-tree
 //!   nodes their paths need (stored in `batch_nodes` before the leaves
 //!   around them go);
-//! - a tombstone per distinct payload digest (its first 8 bytes and the
-//!   batch number, about 20 bytes), so a request for a pruned message is
-//!   told which batch held it. Tombstones are kept for the newest pruned
-//!   messages, as many as the store still holds and at least
-//!   [`TOMBSTONES_KEPT_MIN`]; older ones are dropped a slice of the digest
-//!   space per step, so tombstones too stay bounded.
+//! - the digest index's runs over it (`store/digests.rs`, about 20 bytes a
+//!   message), so a request for a pruned message is told which batch held
+//!   it. Runs are kept while they hold any of the newest pruned messages,
+//!   as many as the store still holds and at least
+//!   [`TOMBSTONES_KEPT_MIN`]; older runs are dropped whole, so the index
+//!   too stays bounded.
+//!
+//! Schema version 2 kept tombstones in `pruned_digests`; a store upgraded
+//! from it still answers from them, and nothing writes them any more.
 
 use super::{log::BatchNodes, Store, StoreError, BATCH_NODE_MIN_LEVEL, U64};
 use notary_proof::tree::{self, NodeSource};
@@ -24,12 +27,9 @@ use rusqlite::{params, OptionalExtension};
 
 /// Most leaves one pruning step deletes (one write transaction).
 pub const PRUNE_STEP: u64 = 4096;
-/// Tombstones are kept for at least this many of the newest pruned
-/// messages (about 20 MiB).
+/// Index runs are kept for at least this many of the newest pruned
+/// messages (about 20 MiB), so they are answered as pruned, not unknown.
 pub const TOMBSTONES_KEPT_MIN: u64 = 1_000_000;
-/// Tombstone trimming walks the 8-byte prefix space in this many slices,
-/// one slice per step.
-pub(super) const TOMBSTONE_SLICES: u64 = 1024;
 
 /// Where pruning stands.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -41,8 +41,6 @@ pub struct Pruned {
     pub seq: u64,
     /// Leaves deleted so far.
     pub leaves: u64,
-    /// Where the tombstone trimmer is: the next slice.
-    pub slice: u64,
 }
 
 /// What one pruning step did.
@@ -50,7 +48,8 @@ pub struct Pruned {
 pub struct PruneStep {
     pub leaves: u64,
     pub rejections: u64,
-    pub tombstones: u64,
+    /// Index runs dropped: every message they held was pruned long ago.
+    pub runs_dropped: u64,
     /// The step finished its batch.
     pub batch_done: bool,
 }
@@ -68,13 +67,12 @@ impl Store {
     pub fn pruned(&self) -> Result<Pruned, StoreError> {
         Ok(self
             .conn
-            .prepare_cached("SELECT batches, seq, leaves, slice FROM retention WHERE id = 0")?
+            .prepare_cached("SELECT batches, seq, leaves FROM retention WHERE id = 0")?
             .query_row([], |r| {
                 Ok(Pruned {
                     batches: r.get::<_, U64>(0)?.0,
                     seq: r.get::<_, U64>(1)?.0,
                     leaves: r.get::<_, U64>(2)?.0,
-                    slice: r.get::<_, U64>(3)?.0,
                 })
             })
             .optional()?
@@ -82,7 +80,7 @@ impl Store {
     }
 
     /// The batch a pruned payload digest was last notarized in, if a
-    /// tombstone for it is still kept.
+    /// tombstone of schema version 2 names it.
     pub fn pruned_batch(&self, digest: &[u8; 32]) -> Result<Option<u64>, StoreError> {
         Ok(self
             .conn
@@ -104,9 +102,9 @@ impl Store {
     }
 
     /// Deletes up to [`PRUNE_STEP`] more leaves of `batch`, which must be
-    /// the oldest batch not wholly pruned ([`Pruned::batches`]), with their
-    /// payload index; rejections received before the batch was sealed; and
-    /// one slice of tombstones older than the horizon: those of the newest
+    /// the oldest batch not wholly pruned ([`Pruned::batches`]); rejections
+    /// received before the batch was sealed; and the index runs wholly
+    /// older than the horizon: those holding any of the newest
     /// `max(held, tombstones_min)` pruned messages are kept, `held` being
     /// the messages the store still holds.
     pub fn prune_step(&self, batch: &BatchRecord, tombstones_min: u64) -> Result<PruneStep, StoreError> {
@@ -125,12 +123,6 @@ impl Store {
         let kept_nodes = if from == batch.first_seq { self.registry_leaf_nodes(batch)? } else { Vec::new() };
         let held = self.next_seq()?.saturating_sub(to);
         let keep_from = to.saturating_sub(held.max(tombstones_min));
-        // Tombstones of batches wholly below `keep_from` go.
-        let tomb_horizon = match self.batch_of(keep_from)? {
-            Some(b) => b.number,
-            None if keep_from == 0 => 0,
-            None => self.log_size()?,
-        };
         self.write(|tx| {
             let mut stmt = tx.prepare_cached(
                 "INSERT OR IGNORE INTO batch_nodes (batch, level, idx, hash) VALUES (?1, ?2, ?3, ?4)",
@@ -138,11 +130,6 @@ impl Store {
             for (level, idx, hash) in &kept_nodes {
                 stmt.execute(params![U64(batch.number), level, U64(*idx), &hash[..]])?;
             }
-            tx.prepare_cached(
-                "INSERT OR REPLACE INTO pruned_digests (prefix, batch)
-                 SELECT substr(digest, 1, 8), ?3 FROM leaves WHERE seq >= ?1 AND seq < ?2",
-            )?
-            .execute(params![U64(from), U64(to), U64(batch.number)])?;
             let leaves = tx
                 .prepare_cached(
                     "DELETE FROM leaves WHERE seq >= ?1 AND seq < ?2
@@ -155,19 +142,18 @@ impl Store {
                      (SELECT id FROM rejections WHERE at_ms < ?1 ORDER BY id LIMIT ?2)",
                 )?
                 .execute(params![U64(batch.sealed_at_ms), PRUNE_STEP as i64])? as u64;
-            let tombstones = trim_tombstones(tx, state.slice, tomb_horizon)?;
+            let runs_dropped = super::digests::drop_runs_below(tx, keep_from)?;
             let batch_done = to == end;
             tx.prepare_cached(
-                "INSERT INTO retention (id, batches, seq, leaves, slice) VALUES (0, ?1, ?2, ?3, ?4)
-                 ON CONFLICT(id) DO UPDATE SET batches = ?1, seq = ?2, leaves = ?3, slice = ?4",
+                "INSERT INTO retention (id, batches, seq, leaves, slice) VALUES (0, ?1, ?2, ?3, 0)
+                 ON CONFLICT(id) DO UPDATE SET batches = ?1, seq = ?2, leaves = ?3",
             )?
             .execute(params![
                 U64(state.batches + u64::from(batch_done)),
                 U64(to),
-                U64(state.leaves + leaves),
-                U64((state.slice + 1) % TOMBSTONE_SLICES)
+                U64(state.leaves + leaves)
             ])?;
-            Ok(PruneStep { leaves, rejections, tombstones, batch_done })
+            Ok(PruneStep { leaves, rejections, runs_dropped, batch_done })
         })
     }
 
@@ -210,28 +196,4 @@ impl NodeSource for Recording<'_> {
         }
         Ok(hash)
     }
-}
-
-/// Deletes the tombstones of batches below `horizon` in one slice of the
-/// digest space.
-pub(super) fn trim_tombstones(
-    tx: &rusqlite::Transaction<'_>,
-    slice: u64,
-    horizon: u64,
-) -> Result<u64, StoreError> {
-    let (lo, hi) = slice_bounds(slice);
-    Ok(tx
-        .prepare_cached(
-            "DELETE FROM pruned_digests WHERE prefix >= ?1 AND (?2 IS NULL OR prefix < ?2) AND batch < ?3",
-        )?
-        .execute(params![&lo[..], hi.as_ref().map(|h| &h[..]), U64(horizon)])? as u64)
-}
-
-/// The 8-byte prefix range of tombstone slice `slice`: `[lo, hi)`, with no
-/// upper bound for the last one.
-fn slice_bounds(slice: u64) -> ([u8; 8], Option<[u8; 8]>) {
-    let width = u64::MAX / TOMBSTONE_SLICES + 1;
-    let lo = slice.saturating_mul(width);
-    let hi = (slice + 1 < TOMBSTONE_SLICES).then(|| ((slice + 1) * width).to_be_bytes());
-    (lo.to_be_bytes(), hi)
 }
